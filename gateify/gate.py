@@ -1,0 +1,284 @@
+"""The per-sample residual gate: controller, CIR signal, modes and the real skip.
+
+A converted block computes ``out = act(S(x) + g * F(x))``. The block's FX graph hands the gate the shortcut
+``S(x)``, the tensors the branch ``F`` reads, and the modules/parameters ``F`` uses (fetched from the block at
+every call, so the branch never holds a stale reference). The gate decides ``g`` per sample and, in ``"hard"``
+mode, runs ``F`` only on the kept sub-batch: skipped samples never enter the branch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GateifyError
+
+__all__ = ["GateConfig", "GateRecord", "ResidualGate", "Controller", "cosine_incompatibility", "MODES", "GATE_KINDS"]
+
+#: ``auto`` follows ``module.training``: ``gumbel`` in train(), ``hard`` in eval().
+MODES = ("auto", "gumbel", "hard", "dense", "static")
+#: ``controller`` decides from the block input (can skip); ``cir`` decides from CIR, which needs F(x) (cannot).
+GATE_KINDS = ("controller", "cir")
+
+
+class GateConfigError(GateifyError, ValueError):
+    """A gate configuration value is out of range."""
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """How every gate of a converted model is built. Stored with the weights by :func:`gateify.save`.
+
+    Attributes:
+        gate: ``"controller"`` (keep decision from the pooled block input; skipping saves compute) or
+            ``"cir"`` (paper-faithful: logit from CIR = 1 - cos(S(x), F(x)); F(x) must run first, so nothing is saved).
+        hidden: width of the controller MLP (pooled C -> hidden -> 1).
+        init_keep: keep probability every gate starts at (sets the controller's output bias).
+        tau: Gumbel-Softmax temperature used in ``"gumbel"`` mode.
+        noise: scale of the logistic (Gumbel-difference) noise in ``"gumbel"`` mode; 0 gives deterministic
+            straight-through decisions identical to ``"hard"`` mode's.
+        threshold: ``"hard"`` mode keeps a sample when its keep probability is ``>= threshold``.
+    """
+
+    gate: str = "controller"
+    hidden: int = 32
+    init_keep: float = 0.95
+    tau: float = 1.0
+    noise: float = 1.0
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.gate not in GATE_KINDS:
+            raise GateConfigError(f"gate={self.gate!r} is not a gate kind; use one of {GATE_KINDS}.")
+        if self.hidden < 1:
+            raise GateConfigError(f"hidden={self.hidden} must be a positive controller width.")
+        if not 0.0 < self.init_keep < 1.0:
+            raise GateConfigError(f"init_keep={self.init_keep} must lie strictly between 0 and 1.")
+        if self.tau <= 0:
+            raise GateConfigError(f"tau={self.tau} must be > 0 (Gumbel-Softmax temperature).")
+        if self.noise < 0:
+            raise GateConfigError(f"noise={self.noise} must be >= 0.")
+        if self.threshold < 0:
+            raise GateConfigError(f"threshold={self.threshold} must be >= 0 (0 keeps all, >1 skips all).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "GateConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise GateConfigError(f"unknown gate config keys {sorted(unknown)}; known keys are {sorted(known)}.")
+        return cls(**values)
+
+
+class GateRecord(NamedTuple):
+    """What a gate saw in its last forward pass, for losses and statistics (all shaped ``(B,)``).
+
+    ``keep_prob`` is the deterministic keep probability (with gradient in ``"gumbel"`` mode), ``gate`` the value
+    that multiplied the branch (straight-through sample in ``"gumbel"``, 0/1 otherwise), ``cir`` the cosine
+    incompatibility ratio where F(x) ran for the whole batch (``None`` in ``"hard"`` controller mode).
+    """
+
+    keep_prob: Optional[torch.Tensor]
+    gate: torch.Tensor
+    cir: Optional[torch.Tensor]
+
+
+def cosine_incompatibility(shortcut: torch.Tensor, branch: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """CIR = 1 - cos(S(x), F(x)) per sample, over all non-batch dims: ``(B, ...) x (B, ...) -> (B,)`` in [0, 2].
+
+    eps-guarded: a branch that outputs exactly 0 (timm's ``zero_init_last``) gives cos = 0, CIR = 1.
+    """
+    s = shortcut.flatten(1).float()
+    f = branch.flatten(1).float()
+    cos = (s * f).sum(1) / (s.norm(dim=1) * f.norm(dim=1)).clamp_min(eps)
+    return 1.0 - cos
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+class Controller(nn.Module):
+    """Keep logit from the block input: global average pool -> Linear(C, hidden) -> ReLU -> Linear(hidden, 1).
+
+    ``(B, C, *spatial) -> (B,)``. The output layer starts at zero weight and bias ``logit(init_keep)``, so a freshly
+    converted model keeps every sample and computes exactly what the source model computes.
+    """
+
+    def __init__(self, channels: int, hidden: int, init_keep: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.constant_(self.fc2.bias, _logit(init_keep))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.flatten(2).mean(2) if x.ndim > 2 else x
+        return self.fc2(F.relu(self.fc1(pooled))).squeeze(1).float()
+
+
+def _per_sample(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` -> broadcastable against ``like`` ``(B, ...)`` in its dtype."""
+    return g.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+class ResidualGate(nn.Module):
+    """Gated residual ``S(x) + g * F(x)`` for one block, ``g`` per sample.
+
+    Called by the converted block's graph as ``gate(shortcut, inputs, params)``: ``shortcut`` is S(x) ``(B, C, H, W)``,
+    ``inputs`` the tensors the branch reads (batched ones marked in ``batched``), ``params`` the modules and
+    tensors the branch uses, owned by the block. ``branch(*inputs, *params)`` computes F.
+
+    Modes (see :func:`gateify.set_mode`):
+        ``dense``: ``S + F`` for every sample, the source model's computation.
+        ``gumbel``: F on the full batch; ``g`` is a straight-through Gumbel-Softmax sample (training).
+        ``hard``: ``g = [p >= threshold]`` from the controller; F runs on the kept sub-batch only
+            (gather -> F -> scatter-add), not at all when nobody is kept.
+        ``static``: the block's fixed decision ``static_keep`` for every sample; no controller runs.
+        ``auto``: ``gumbel`` in train(), ``hard`` in eval().
+    """
+
+    def __init__(
+        self,
+        branch: Callable[..., torch.Tensor],
+        channels: int,
+        batched: Sequence[bool],
+        config: GateConfig,
+        ctrl_index: int = 0,
+    ) -> None:
+        super().__init__()
+        if not any(batched):
+            raise GateConfigError("a residual branch must read at least one batched tensor.")
+        self.branch = branch
+        self.config = config
+        self.batched = tuple(bool(b) for b in batched)
+        self.ctrl_index = ctrl_index
+        self.controller = Controller(channels, config.hidden, config.init_keep)
+        if config.gate == "cir":
+            # paper reading: a branch orthogonal to its input (high CIR) adds information -> keep it
+            self.cir_scale = nn.Parameter(torch.tensor(5.0))
+            self.cir_offset = nn.Parameter(torch.tensor(0.5))
+        self.register_buffer("threshold", torch.tensor(float(config.threshold)))
+        self.register_buffer("static_keep", torch.tensor(True))
+        self.mode = "auto"
+        self.tau = config.tau
+        self.noise = config.noise
+        self.last: Optional[GateRecord] = None
+
+    def extra_repr(self) -> str:
+        return f"gate={self.config.gate!r}, mode={self.mode!r}, threshold={float(self.threshold):.4g}"
+
+    @property
+    def effective_mode(self) -> str:
+        if self.mode == "auto":
+            return "gumbel" if self.training else "hard"
+        return self.mode
+
+    def keep_logit(self, x: torch.Tensor) -> torch.Tensor:
+        """Controller logit of keeping each sample, from the branch input ``x`` ``(B, C, ...)`` -> ``(B,)``."""
+        return self.controller(x)
+
+    def _cir_logit(self, cir: torch.Tensor) -> torch.Tensor:
+        return self.cir_scale * (cir - self.cir_offset)
+
+    def _threshold_shift(self) -> torch.Tensor:
+        # keep <=> sigmoid(logit) >= threshold <=> logit - logit(threshold) >= 0
+        t = self.threshold.clamp(1e-6, 1 - 1e-6)
+        return torch.log(t) - torch.log1p(-t)
+
+    def _record(self, keep_prob: Optional[torch.Tensor], gate: torch.Tensor, cir: Optional[torch.Tensor]) -> None:
+        if not torch.compiler.is_exporting():  # an exported program must not leave fake tensors on the module
+            self.last = GateRecord(keep_prob, gate, cir)
+
+    def forward(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
+        mode = self.effective_mode
+        if mode == "dense":
+            self._record(None, shortcut.new_ones(shortcut.shape[0]), None)
+            return shortcut + self.branch(*inputs, *params)
+        if mode == "static":
+            return self._static(shortcut, inputs, params)
+        if mode == "gumbel":
+            return self._gumbel(shortcut, inputs, params)
+        if mode == "hard":
+            if self.config.gate == "cir":
+                return self._hard_cir(shortcut, inputs, params)
+            return self._hard(shortcut, inputs, params)
+        raise GateConfigError(f"gate mode {self.mode!r} is not one of {MODES}; use gateify.set_mode.")
+
+    def _static(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
+        keep = bool(self.static_keep)
+        ones = shortcut.new_full((shortcut.shape[0],), float(keep))
+        self._record(None, ones, None)
+        if keep:
+            return shortcut + self.branch(*inputs, *params)
+        return shortcut.clone()  # the post-add activation may be in-place: never hand out the block input itself
+
+    def _gumbel(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
+        branch = self.branch(*inputs, *params)
+        cir = cosine_incompatibility(shortcut, branch)
+        if self.config.gate == "cir":
+            logit = self._cir_logit(cir)
+        else:
+            logit = self.keep_logit(inputs[self.ctrl_index])
+        logit = logit - self._threshold_shift()
+        z = logit
+        if self.noise > 0:
+            u = torch.rand_like(logit).clamp_(1e-6, 1 - 1e-6)
+            z = logit + self.noise * (torch.log(u) - torch.log1p(-u))  # logistic = difference of two Gumbels
+        soft = torch.sigmoid(z / self.tau)
+        hard = (z >= 0).to(soft.dtype)
+        g = hard + (soft - soft.detach())  # straight-through: forward exactly hard, backward soft
+        self._record(torch.sigmoid(logit), g, cir.detach())
+        return shortcut + _per_sample(g, branch) * branch
+
+    def _hard_cir(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
+        # The decision needs F(x), so F ran for every sample already: this masks, it cannot save compute.
+        branch = self.branch(*inputs, *params)
+        cir = cosine_incompatibility(shortcut, branch)
+        p = torch.sigmoid(self._cir_logit(cir))
+        keep = (p >= self.threshold).to(p.dtype)
+        self._record(p, keep, cir)
+        return shortcut + _per_sample(keep, branch) * branch
+
+    def _hard(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
+        x = inputs[self.ctrl_index]
+        p = torch.sigmoid(self.keep_logit(x))
+        keep = p >= self.threshold  # p lies in [0, 1]: threshold 0 keeps all, > 1 skips all
+        self._record(p, keep.to(p.dtype), None)
+        if torch.compiler.is_exporting():
+            return self._hard_export(shortcut, inputs, params, keep)
+        idx = keep.nonzero().squeeze(1)  # the one host sync real skipping needs
+        n = idx.numel()
+        if n == keep.numel():
+            return shortcut + self.branch(*inputs, *params)
+        if n == 0:
+            return shortcut.clone()
+        sub = [t.index_select(0, idx) if b else t for t, b in zip(inputs, self.batched)]
+        return self._scatter(shortcut, idx, self.branch(*sub, *params))
+
+    @staticmethod
+    def _scatter(shortcut: torch.Tensor, idx: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(shortcut.dtype, branch.dtype)
+        return shortcut.to(dtype).index_add(0, idx, branch.to(dtype))
+
+    def _hard_export(self, shortcut: torch.Tensor, inputs: tuple, params: tuple, keep: torch.Tensor) -> torch.Tensor:
+        """The same skip for ``torch.export``: a ``torch.cond`` on 'anyone kept', a data-dependent sub-batch inside."""
+
+        def run_kept(shortcut: torch.Tensor, keep: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+            idx = keep.nonzero().squeeze(1)
+            torch._check(idx.shape[0] > 0)  # true on this side of the cond; lets shape guards on F resolve
+            sub = [t.index_select(0, idx) if b else t for t, b in zip(tensors, self.batched)]
+            return self._scatter(shortcut, idx, self.branch(*sub, *params))
+
+        def skip_all(shortcut: torch.Tensor, keep: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+            return shortcut.clone()
+
+        return torch.cond(keep.any(), run_kept, skip_all, (shortcut, keep, *inputs))

@@ -1,0 +1,58 @@
+"""Shared fixtures: small real models with non-trivial weights, and gates forced into mixed decisions."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import gateify
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def perturb_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN affine/statistics so outputs depend on every block (timm's zero_init_last zeroes branches)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def mix_decisions(model: nn.Module, batch: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Random controllers, each centred on ``batch`` so that about half of the samples skip each block."""
+    g = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for gate in gateify.gates(model).values():
+            fc1, fc2 = gate.controller.fc1, gate.controller.fc2
+            fc1.weight.copy_(torch.randn(fc1.weight.shape, generator=g) * 3.0)
+            fc1.bias.copy_(torch.randn(fc1.bias.shape, generator=g))
+            fc2.weight.copy_(torch.randn(fc2.weight.shape, generator=g))
+            fc2.bias.zero_()
+        for gate in gateify.gates(model).values():  # in execution order: earlier decisions shape later inputs
+            logits = []
+            handle = gate.controller.register_forward_hook(lambda m, i, o: logits.append(o))
+            model(batch)
+            handle.remove()
+            gate.controller.fc2.bias.sub_(logits[0].median() + 1e-3)
+    model.train(was_training)
+    return model
+
+
+@pytest.fixture
+def resnet20() -> nn.Module:
+    torch.manual_seed(0)
+    return perturb_batchnorm(timm.create_model("resnet20")).eval()
+
+
+@pytest.fixture
+def cifar_batch() -> torch.Tensor:
+    return torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,270 @@
+"""gateify.convert: finds every residual block of timm/torchvision ResNets, keeps names, matches in dense mode."""
+
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import gateify
+from gateify import (
+    AlreadyConvertedError,
+    GateifyError,
+    InputShapeError,
+    MetaDeviceError,
+    NoResidualBlocksError,
+    NotConvertedError,
+    UntraceableModelError,
+)
+
+from conftest import perturb_batchnorm
+
+# one model per family (timm, then torchvision), with the number of residual blocks it has
+FAMILIES = {
+    "resnet20": 9, "resnet18": 8, "resnet50": 16, "resnext26ts": 8, "wide_resnet50_2": 16, "seresnet18": 8,
+    "seresnext26d_32x4d": 8, "ecaresnet26t": 8, "resnetblur18": 8, "resnetaa34d": 16, "resnetrs50": 16,
+    "resnetv2_18": 8, "skresnet18": 8, "resnest14d": 4, "res2net50_14w_8s": 16,
+    "tv:resnet18": 8, "tv:resnext50_32x4d": 16, "tv:wide_resnet50_2": 16,
+}
+
+
+def create(name: str, **kwargs) -> nn.Module:
+    if name.startswith("tv:"):
+        return getattr(torchvision.models, name[3:])(**kwargs)
+    return timm.create_model(name, **kwargs)
+
+
+def example(name: str) -> torch.Tensor:
+    size = 32 if name == "resnet20" else 64  # small inputs keep the suite fast; every model takes 64x64
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name,blocks", FAMILIES.items())
+def test_family_converts_and_matches_in_dense_mode(name, blocks):
+    torch.manual_seed(0)
+    model = perturb_batchnorm(create(name)).eval()
+    x = example(name)
+    gated = gateify.convert(model, example_input=x)
+    assert len(gateify.gates(gated)) == blocks
+    gateify.set_mode(gated, "dense")
+    with torch.no_grad():
+        expected = model(x)
+        assert (gated(x) - expected).abs().max().item() <= 1e-5
+        gateify.set_mode(gated, "hard", threshold=0.0)  # real-skip code path, everyone kept
+        assert (gated(x) - expected).abs().max().item() <= 1e-5
+
+
+def test_names_kept_so_dense_checkpoints_load(resnet20):
+    gated = gateify.convert(timm.create_model("resnet20"))  # different random init
+    missing, unexpected = gated.load_state_dict(resnet20.state_dict(), strict=False)
+    assert unexpected == []
+    assert missing and all(".gate." in k for k in missing)
+    assert set(resnet20.state_dict()) <= set(gated.state_dict())
+    gateify.set_mode(gated.eval(), "dense")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(gated(x), resnet20(x))
+
+
+def test_top_level_class_and_timm_interface_kept(resnet20):
+    gated = gateify.convert(resnet20)
+    assert type(gated) is type(resnet20)
+    assert gated.pretrained_cfg == resnet20.pretrained_cfg
+    x = torch.randn(2, 3, 32, 32)
+    gateify.set_mode(gated, "dense")
+    with torch.no_grad():
+        assert torch.equal(gated.forward_head(gated.forward_features(x)), resnet20(x))
+
+
+def test_original_model_untouched(resnet20):
+    before = {k: v.clone() for k, v in resnet20.state_dict().items()}
+    modules = list(resnet20.modules())
+    gateify.convert(resnet20)
+    assert list(resnet20.modules()) == modules and not gateify.gates(resnet20)
+    assert all(torch.equal(before[k], v) for k, v in resnet20.state_dict().items())
+
+
+def test_gates_in_execution_order(resnet20):
+    names = list(gateify.gates(gateify.convert(resnet20)))
+    assert names == [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]
+
+
+def test_train_mode_identical_with_drop_path_and_batchnorm():
+    torch.manual_seed(0)
+    model = perturb_batchnorm(timm.create_model("resnet18", drop_path_rate=0.3))
+    gated = gateify.convert(model, example_input=torch.randn(2, 3, 64, 64))
+    gateify.set_mode(gated, "dense")
+    model.train(), gated.train()
+    x = torch.randn(8, 3, 64, 64)
+    outs = []
+    for m in (model, gated):
+        torch.manual_seed(123)
+        outs.append(m(x))
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-5  # the converted model drops the same paths...
+    for name, bn in model.named_modules():  # ...and updates BatchNorm statistics the same way
+        if isinstance(bn, nn.BatchNorm2d):
+            assert torch.allclose(bn.running_mean, gated.get_submodule(name).running_mean, atol=1e-6)
+    torch.manual_seed(321)
+    assert not torch.allclose(outs[0], model(x))  # drop-path really is active in train mode
+
+
+def test_skipped_block_yields_activation_of_shortcut(resnet20):
+    gated = gateify.set_mode(gateify.convert(resnet20), "hard", threshold=1.5)  # > 1: skip everything
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        h = resnet20.act1(resnet20.bn1(resnet20.conv1(x)))
+        for layer in (resnet20.layer1, resnet20.layer2, resnet20.layer3):
+            for block in layer:
+                shortcut = block.downsample(h) if block.downsample is not None else h
+                h = block.act2(shortcut.clone())
+        assert torch.equal(gated(x), resnet20.forward_head(h))
+
+
+def test_config_keywords_reach_every_gate(resnet20):
+    gated = gateify.convert(resnet20, hidden=8, tau=0.5, threshold=0.3)
+    for gate in gateify.gates(gated).values():
+        assert gate.controller.fc1.out_features == 8 and gate.tau == 0.5
+        assert float(gate.threshold) == pytest.approx(0.3)
+    with pytest.raises(GateifyError, match="gate kind"):
+        gateify.convert(resnet20, gate="sometimes")
+
+
+def test_controller_cost_under_one_percent_of_dense(resnet20):
+    gated = gateify.convert(resnet20)
+    controller_macs = sum(g.controller.fc1.weight.numel() + g.controller.fc2.weight.numel()
+                          for g in gateify.gates(gated).values())
+    assert controller_macs < 0.01 * 40.6e6
+
+
+# ---------------------------------------------------------------- refusals: clear, and nothing half-changed
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)) + 1.0)
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x  # fx cannot trace control flow on values
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.odd = DataDependent()
+
+    def forward(self, x):
+        return x + self.odd(self.conv(x))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = Block()
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+def test_no_residual_additions_refused():
+    with pytest.raises(NoResidualBlocksError, match="no residual addition"):
+        gateify.convert(Plain(), example_input=torch.randn(2, 3, 16, 16))
+
+
+class OddBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return x + y if y.mean() > 0 else y  # the block's own forward branches on values
+
+
+class OddNet(Net):
+    def __init__(self):
+        super().__init__()
+        self.block = OddBlock()
+
+
+def test_untraceable_submodule_becomes_a_leaf_with_a_warning():
+    net = Net()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(gateify.GateifyWarning) as record:
+        gated = gateify.convert(net, example_input=x)
+    message = str(record[0].message)
+    assert "'block.odd'" in message and "DataDependent" in message and "leaf_modules" in message
+    assert list(gateify.gates(gated)) == ["block"]  # the block is gated, its untraceable part called whole
+    gateify.set_mode(gated, "dense")
+    with torch.no_grad():
+        assert torch.equal(gated(x), net(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # naming it a leaf is the documented way to silence the warning
+        gateify.convert(net, example_input=x, leaf_modules=[DataDependent])
+
+
+def test_untraceable_block_refused_with_leaf_remedy_and_nothing_changed():
+    net = OddNet()
+    modules = list(net.modules())
+    with pytest.raises(UntraceableModelError) as info:
+        gateify.convert(net, example_input=torch.randn(2, 3, 8, 8), inplace=True)
+    message = str(info.value)
+    assert "'block'" in message and "OddBlock" in message and "leaf_modules" in message
+    assert list(net.modules()) == modules and not gateify.gates(net)
+
+
+def test_converting_twice_refused(resnet20):
+    gated = gateify.convert(resnet20)
+    with pytest.raises(AlreadyConvertedError, match="already converted"):
+        gateify.convert(gated)
+
+
+def test_meta_device_refused():
+    with torch.device("meta"):
+        model = timm.create_model("resnet18")
+    with pytest.raises(MetaDeviceError, match="to_empty"):
+        gateify.convert(model)
+
+
+def test_wrong_example_input_names_the_fix(resnet20):
+    with pytest.raises(InputShapeError, match="example_input"):
+        gateify.convert(resnet20, example_input=torch.randn(2, 5, 32, 32))
+
+
+def test_set_mode_refusals(resnet20):
+    with pytest.raises(NotConvertedError, match="convert"):
+        gateify.set_mode(resnet20, "hard")
+    gated = gateify.convert(resnet20)
+    with pytest.raises(GateifyError, match="mode"):
+        gateify.set_mode(gated, "sometimes")
+    with pytest.raises(GateifyError, match="unknown blocks"):
+        gateify.set_mode(gated, "hard", threshold={"layer1.0": 0.2, "nope": 0.1})
+    with pytest.raises(GateifyError, match=">= 0"):
+        gateify.set_mode(gated, "hard", threshold={"layer1.0": 0.2, "layer1.1": -1.0})
+    assert all(g.mode == "auto" and float(g.threshold) == 0.5 for g in gateify.gates(gated).values())
+    gateify.set_mode(gated, "hard", threshold={"layer1.0": 0.2})
+    assert float(gateify.gates(gated)["layer1.0"].threshold) == pytest.approx(0.2)
+    assert float(gateify.gates(gated)["layer1.1"].threshold) == 0.5
+
+
+def test_deepcopy_and_module_replacement_stay_consistent(resnet20):
+    gated = gateify.set_mode(gateify.convert(resnet20), "dense")
+    clone = copy.deepcopy(gated)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(clone(x), gated(x))
+        # the branch fetches modules from the block at every call: replacing one (as SyncBatchNorm conversion or
+        # BatchNorm freezing do) takes effect in the gated computation
+        clone.layer1[0].bn1 = nn.Identity()
+        assert not torch.equal(clone(x), gated(x))

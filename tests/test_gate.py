@@ -1,0 +1,131 @@
+"""The gate: CIR signal, Gumbel training gates, deterministic hard gates that really skip."""
+
+import pytest
+import timm
+import torch
+
+import gateify
+from gateify import cosine_incompatibility
+
+from conftest import mix_decisions
+
+
+def test_cir_values():
+    x = torch.randn(3, 4, 5, 5)
+    orthogonal = torch.zeros(3, 4, 5, 5)
+    orthogonal[:, 0], orthogonal[:, 1] = 1.0, 0.0
+    base = torch.zeros(3, 4, 5, 5)
+    base[:, 1] = 1.0
+    assert torch.allclose(cosine_incompatibility(x, 2.5 * x), torch.zeros(3), atol=1e-6)  # a rescale: redundant
+    assert torch.allclose(cosine_incompatibility(x, -x), torch.full((3,), 2.0), atol=1e-6)
+    assert torch.allclose(cosine_incompatibility(base, orthogonal), torch.ones(3))
+    assert torch.equal(cosine_incompatibility(x, torch.zeros_like(x)), torch.ones(3))  # eps-guarded F(x) = 0
+
+
+def test_zero_init_last_gives_cir_one_everywhere():
+    gated = gateify.convert(timm.create_model("resnet18"), example_input=torch.randn(2, 3, 64, 64))
+    gateify.set_mode(gated.eval(), "gumbel")
+    with torch.no_grad():
+        gated(torch.randn(4, 3, 64, 64))
+    for gate in gateify.gates(gated).values():
+        assert torch.equal(gate.last.cir, torch.ones(4))
+
+
+def test_gumbel_straight_through_reaches_controller(resnet20, cifar_batch):
+    gated = gateify.convert(resnet20).train()
+    out = gated(cifar_batch)
+    records = [g.last for g in gateify.gates(gated).values()]
+    assert all(set(r.gate.detach().unique().tolist()) <= {0.0, 1.0} for r in records)  # hard forward values
+    (out.sum() + sum(r.keep_prob.sum() for r in records)).backward()
+    for gate in gateify.gates(gated).values():
+        assert gate.controller.fc2.weight.grad.abs().sum() > 0
+
+
+def test_gumbel_without_noise_decides_like_hard(resnet20, cifar_batch):
+    gated = mix_decisions(gateify.convert(resnet20), cifar_batch).eval()
+    with torch.no_grad():
+        gateify.set_mode(gated, "hard", threshold=0.4)
+        hard = gated(cifar_batch)
+        hard_decisions = [g.last.gate.clone() for g in gateify.gates(gated).values()]
+        gateify.set_mode(gated, "gumbel", noise=0.0)
+        soft = gated(cifar_batch)
+        assert all(torch.equal(g.last.gate, d) for g, d in zip(gateify.gates(gated).values(), hard_decisions))
+        assert (soft - hard).abs().max().item() <= 1e-5
+
+
+def test_hard_mode_is_deterministic(resnet20, cifar_batch):
+    gated = mix_decisions(gateify.convert(resnet20), cifar_batch).eval()
+    with torch.no_grad():
+        assert torch.equal(gated(cifar_batch), gated(cifar_batch))
+
+
+def branch_batch_sizes(gated):
+    """Batch size that each block's first branch convolution sees in the next forward."""
+    seen, handles = {}, []
+
+    def record(name):
+        def hook(module, args, output):
+            seen.setdefault(name, args[0].shape[0])
+        return hook
+
+    for name in gateify.gates(gated):
+        handles.append(gated.get_submodule(name).conv1.register_forward_hook(record(name)))
+    return seen, handles
+
+
+def masked_reference(gated, x, decisions):
+    """The same decisions applied by masking a full-batch branch: what older dynamic-depth code computes."""
+    gates = gateify.gates(gated)
+    originals = {}
+    for name, gate in gates.items():
+        originals[name] = gate.forward
+        gate.forward = lambda s, inputs, params, gate=gate, d=decisions[name]: (
+            s + d.view(-1, 1, 1, 1).to(s.dtype) * gate.branch(*inputs, *params))
+    try:
+        return gated(x)
+    finally:
+        for name, gate in gates.items():
+            del gate.forward
+
+
+@pytest.mark.parametrize("batch", [1, 16, 64])
+def test_skipped_samples_never_enter_the_branch(resnet20, batch):
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+    gated = mix_decisions(gateify.convert(resnet20), x if batch > 1 else torch.randn(16, 3, 32, 32)).eval()
+    seen, handles = branch_batch_sizes(gated)
+    with torch.no_grad():
+        out = gated(x)
+    for h in handles:
+        h.remove()
+    decisions = {name: g.last.gate.clone() for name, g in gateify.gates(gated).items()}
+    kept = {name: int(d.sum()) for name, d in decisions.items()}
+    assert {name: seen.get(name, 0) for name in kept} == kept  # a skipped sample is never computed
+    if batch > 1:
+        assert any(0 < k < batch for k in kept.values())  # the test really mixes decisions
+    with torch.no_grad():
+        assert (out - masked_reference(gated, x, decisions)).abs().max().item() <= 1e-5
+
+
+def test_real_skip_under_inference_mode_and_channels_last(resnet20, cifar_batch):
+    gated = mix_decisions(gateify.convert(resnet20), cifar_batch).eval()
+    x = cifar_batch.contiguous(memory_format=torch.channels_last)
+    gated = gated.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = gated(x)
+    decisions = {name: g.last.gate.clone() for name, g in gateify.gates(gated).items()}
+    assert any(0 < int(d.sum()) < len(x) for d in decisions.values())
+    with torch.no_grad():
+        assert (out - masked_reference(gated, x, decisions)).abs().max().item() <= 1e-5
+
+
+def test_cir_gate_decides_from_cir_and_saves_nothing(resnet20, cifar_batch):
+    gated = gateify.convert(resnet20, gate="cir").eval()
+    seen, handles = branch_batch_sizes(gated)
+    with torch.no_grad():
+        gated(cifar_batch)
+    for h in handles:
+        h.remove()
+    assert set(seen.values()) == {len(cifar_batch)}  # F(x) runs for every sample: the decision needs it
+    for gate in gateify.gates(gated).values():
+        expected = torch.sigmoid(gate.cir_scale * (gate.last.cir - gate.cir_offset))
+        assert torch.allclose(gate.last.keep_prob, expected)
