@@ -6,6 +6,7 @@
 """
 
 from . import cifar_resnet as _cifar_resnet  # noqa: F401  (registers resnet20/32/44/56/110 into timm)
+from .accounting import BlockFlops, FlopsReport, calibrate, flops
 from .conversion import convert, gates, set_mode
 from .errors import (
     AlreadyConvertedError,
@@ -25,6 +26,10 @@ __all__ = [
     "convert",
     "gates",
     "set_mode",
+    "flops",
+    "calibrate",
+    "FlopsReport",
+    "BlockFlops",
     "GateConfig",
     "GateRecord",
     "ResidualGate",

@@ -384,6 +384,7 @@ def _gate_residual(gm: fx.GraphModule, add: fx.Node, shortcut: fx.Node, branch: 
 
     channels = _tensor_shape(inputs[ctrl_index])[1]
     gate = ResidualGate(branch_gm, channels, batched, config, ctrl_index)
+    gate.owns_shortcut = shortcut.op != "placeholder" and len(shortcut.users) == 1
     name = _unique_attr(gm, "gate")
     gm.add_submodule(name, gate)
     with graph.inserting_before(add):

@@ -82,7 +82,8 @@ class GateRecord(NamedTuple):
     """What a gate saw in its last forward pass, for losses and statistics (all shaped ``(B,)``).
 
     ``keep_prob`` is the deterministic keep probability (with gradient in ``"gumbel"`` mode), ``gate`` the value
-    that multiplied the branch (straight-through sample in ``"gumbel"``, 0/1 otherwise), ``cir`` the cosine
+    that multiplied the branch (straight-through sample in ``"gumbel"``, a bool mask in ``"hard"``, 0/1 otherwise),
+    ``cir`` the cosine
     incompatibility ratio where F(x) ran for the whole batch (``None`` in ``"hard"`` controller mode).
     """
 
@@ -121,8 +122,10 @@ class Controller(nn.Module):
         nn.init.constant_(self.fc2.bias, _logit(init_keep))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.flatten(2).mean(2) if x.ndim > 2 else x
-        return self.fc2(F.relu(self.fc1(pooled))).squeeze(1).float()
+        pooled = x.mean(tuple(range(2, x.ndim))) if x.ndim > 2 else x
+        # functional calls: this runs once per block and sample batch, and module-call overhead shows at batch 1
+        hidden = F.relu(F.linear(pooled, self.fc1.weight, self.fc1.bias))
+        return F.linear(hidden, self.fc2.weight, self.fc2.bias).view(-1).float()
 
 
 def _per_sample(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -169,6 +172,7 @@ class ResidualGate(nn.Module):
         self.register_buffer("threshold", torch.tensor(float(config.threshold)))
         self.register_buffer("static_keep", torch.tensor(True))
         self.mode = "auto"
+        self.owns_shortcut = False  # set by gateify.convert when nothing but this addition reads the shortcut
         self.tau = config.tau
         self.noise = config.noise
         self.last: Optional[GateRecord] = None
@@ -181,6 +185,11 @@ class ResidualGate(nn.Module):
         if self.mode == "auto":
             return "gumbel" if self.training else "hard"
         return self.mode
+
+    def _run_branch(self, *args: Any) -> torch.Tensor:
+        # forward() directly: the branch is stateless and module-call overhead shows at batch 1; FLOPs accounting
+        # attributes the branch as gate minus controller, so no hook on it is needed
+        return self.branch.forward(*args)
 
     def keep_logit(self, x: torch.Tensor) -> torch.Tensor:
         """Controller logit of keeping each sample, from the branch input ``x`` ``(B, C, ...)`` -> ``(B,)``."""
@@ -196,13 +205,14 @@ class ResidualGate(nn.Module):
 
     def _record(self, keep_prob: Optional[torch.Tensor], gate: torch.Tensor, cir: Optional[torch.Tensor]) -> None:
         if not torch.compiler.is_exporting():  # an exported program must not leave fake tensors on the module
-            self.last = GateRecord(keep_prob, gate, cir)
+            # plain attribute write: nn.Module.__setattr__ costs more than the rest of a gate at batch 1
+            object.__setattr__(self, "last", GateRecord(keep_prob, gate, cir))
 
     def forward(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
         mode = self.effective_mode
         if mode == "dense":
             self._record(None, shortcut.new_ones(shortcut.shape[0]), None)
-            return shortcut + self.branch(*inputs, *params)
+            return self._add(shortcut, self._run_branch(*inputs, *params))
         if mode == "static":
             return self._static(shortcut, inputs, params)
         if mode == "gumbel":
@@ -218,11 +228,11 @@ class ResidualGate(nn.Module):
         ones = shortcut.new_full((shortcut.shape[0],), float(keep))
         self._record(None, ones, None)
         if keep:
-            return shortcut + self.branch(*inputs, *params)
-        return shortcut.clone()  # the post-add activation may be in-place: never hand out the block input itself
+            return self._add(shortcut, self._run_branch(*inputs, *params))
+        return self._alone(shortcut)
 
     def _gumbel(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
-        branch = self.branch(*inputs, *params)
+        branch = self._run_branch(*inputs, *params)
         cir = cosine_incompatibility(shortcut, branch)
         if self.config.gate == "cir":
             logit = self._cir_logit(cir)
@@ -241,7 +251,7 @@ class ResidualGate(nn.Module):
 
     def _hard_cir(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
         # The decision needs F(x), so F ran for every sample already: this masks, it cannot save compute.
-        branch = self.branch(*inputs, *params)
+        branch = self._run_branch(*inputs, *params)
         cir = cosine_incompatibility(shortcut, branch)
         p = torch.sigmoid(self._cir_logit(cir))
         keep = (p >= self.threshold).to(p.dtype)
@@ -252,21 +262,41 @@ class ResidualGate(nn.Module):
         x = inputs[self.ctrl_index]
         p = torch.sigmoid(self.keep_logit(x))
         keep = p >= self.threshold  # p lies in [0, 1]: threshold 0 keeps all, > 1 skips all
-        self._record(p, keep.to(p.dtype), None)
+        self._record(p, keep, None)
         if torch.compiler.is_exporting():
             return self._hard_export(shortcut, inputs, params, keep)
         idx = keep.nonzero().squeeze(1)  # the one host sync real skipping needs
         n = idx.numel()
         if n == keep.numel():
-            return shortcut + self.branch(*inputs, *params)
+            return self._add(shortcut, self._run_branch(*inputs, *params))
         if n == 0:
-            return shortcut.clone()
+            return self._alone(shortcut)
         sub = [t.index_select(0, idx) if b else t for t, b in zip(inputs, self.batched)]
-        return self._scatter(shortcut, idx, self.branch(*sub, *params))
+        return self._scatter(shortcut, idx, self._run_branch(*sub, *params))
+
+    # Large activations are mmapped by the allocator, so a fresh buffer per block costs page faults that show as a
+    # few percent of latency. Without autograd, write into a buffer that is ours, as the original `x += shortcut`
+    # does; `owns_shortcut` (set by the conversion) says the shortcut tensor is consumed by this addition alone.
 
     @staticmethod
-    def _scatter(shortcut: torch.Tensor, idx: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    def _writable(t: torch.Tensor) -> bool:
+        compiling = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # graphs must stay functional
+        return not (compiling or t.requires_grad) and t._base is None
+
+    def _add(self, shortcut: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        if self._writable(branch) and branch.dtype == torch.promote_types(branch.dtype, shortcut.dtype):
+            return branch.add_(shortcut)
+        return shortcut + branch
+
+    def _alone(self, shortcut: torch.Tensor) -> torch.Tensor:
+        if self.owns_shortcut and self._writable(shortcut):
+            return shortcut
+        return shortcut.clone()  # the post-add activation may be in-place: never hand out the block input itself
+
+    def _scatter(self, shortcut: torch.Tensor, idx: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(shortcut.dtype, branch.dtype)
+        if self.owns_shortcut and shortcut.dtype == dtype and self._writable(shortcut):
+            return shortcut.index_add_(0, idx, branch.to(dtype))
         return shortcut.to(dtype).index_add(0, idx, branch.to(dtype))
 
     def _hard_export(self, shortcut: torch.Tensor, inputs: tuple, params: tuple, keep: torch.Tensor) -> torch.Tensor:
@@ -276,7 +306,7 @@ class ResidualGate(nn.Module):
             idx = keep.nonzero().squeeze(1)
             torch._check(idx.shape[0] > 0)  # true on this side of the cond; lets shape guards on F resolve
             sub = [t.index_select(0, idx) if b else t for t, b in zip(tensors, self.batched)]
-            return self._scatter(shortcut, idx, self.branch(*sub, *params))
+            return self._scatter(shortcut, idx, self._run_branch(*sub, *params))
 
         def skip_all(shortcut: torch.Tensor, keep: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
             return shortcut.clone()

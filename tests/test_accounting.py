@@ -1,0 +1,76 @@
+"""FLOPs counted on the actual run (skipped work is not counted), and calibration to a FLOPs target."""
+
+import pytest
+import timm
+import torch
+
+import gateify
+
+from conftest import mix_decisions
+
+
+def test_resnet20_dense_is_40_6_mmacs(resnet20, cifar_batch):
+    report = gateify.flops(gateify.convert(resnet20).eval(), cifar_batch)
+    assert round(report.dense_macs / 1e6, 1) == 40.6
+    assert round(report.dense_flops / 1e6, 1) == 81.1
+    assert report.dense_flops == 2 * report.dense_macs
+    assert [b.keep_rate for b in report.blocks] == [1.0] * 9  # a fresh conversion keeps everyone
+    assert 0 < report.gate_flops < 0.01 * report.dense_flops  # the controllers cost < 1% of the model
+    assert report.executed_flops == pytest.approx(report.dense_flops + report.gate_flops)
+
+
+def test_plain_model_counts_as_dense(resnet20, cifar_batch):
+    report = gateify.flops(resnet20, cifar_batch)
+    assert report.blocks == [] and report.executed_flops == report.dense_flops and report.saved == 0
+
+
+def test_executed_flops_drop_with_keep_rate(resnet20, cifar_batch):
+    gated = mix_decisions(gateify.convert(resnet20), cifar_batch).eval()
+    report = gateify.flops(gated, cifar_batch)
+    assert any(0 < b.keep_rate < 1 for b in report.blocks)
+    for b in report.blocks:  # a branch's cost is per sample, so executed = keep rate x branch
+        assert b.executed_flops == pytest.approx(b.keep_rate * b.branch_flops, rel=1e-6)
+    skipped = sum((1 - b.keep_rate) * b.branch_flops for b in report.blocks)
+    assert report.executed_flops == pytest.approx(report.dense_flops - skipped + report.gate_flops, rel=1e-6)
+    assert report.saved == pytest.approx(skipped / report.dense_flops - report.gate_flops / report.dense_flops)
+
+
+def test_counts_over_a_loader_weight_every_sample(resnet20, cifar_batch):
+    gated = mix_decisions(gateify.convert(resnet20), cifar_batch).eval()
+    loader = [(cifar_batch[:10], torch.zeros(10)), (cifar_batch[10:], torch.zeros(6))]
+    whole, parts = gateify.flops(gated, cifar_batch), gateify.flops(gated, loader)
+    assert parts.samples == 16
+    assert parts.executed_flops == pytest.approx(whole.executed_flops, rel=1e-6)
+    assert gateify.flops(gated, loader, max_batches=1).samples == 10
+
+
+def test_table_states_units(resnet20, cifar_batch):
+    table = gateify.flops(gateify.convert(resnet20).eval(), cifar_batch).table()
+    assert "MACs" in table and "FLOPs" in table and "layer3.2" in table and "40.551 MMACs" in table
+
+
+def test_resnet50_dense_macs():
+    gated = gateify.convert(timm.create_model("resnet50")).eval()
+    report = gateify.flops(gated, torch.randn(1, 3, 224, 224))
+    assert round(report.dense_macs / 1e9, 2) == 4.09 and len(report.blocks) == 16
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7, 0.85])
+def test_calibrate_hits_target_on_fixed_batch(resnet20, target):
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    gated = gateify.convert(resnet20)
+    with torch.no_grad():  # smooth, input-dependent controllers (a trained model's are like this)
+        for gate in gateify.gates(gated).values():
+            gate.controller.fc2.weight.normal_(0, 1, generator=torch.Generator().manual_seed(4))
+    threshold = gateify.calibrate(gated, x, target=target)
+    report = gateify.flops(gated.eval(), x)
+    assert abs(report.executed_fraction - target) <= 0.02
+    assert all(float(g.threshold) == threshold for g in gateify.gates(gated).values())
+    assert gated.state_dict()["layer1.0.gate.threshold"] == threshold  # saved with the weights
+
+
+def test_calibrate_refuses_unreachable_target(resnet20, cifar_batch):
+    with pytest.raises(gateify.GateifyError, match="out of reach"):
+        gateify.calibrate(gateify.convert(resnet20), cifar_batch, target=0.01)
+    with pytest.raises(gateify.GateifyError, match="convert"):
+        gateify.calibrate(resnet20, cifar_batch)
