@@ -7,7 +7,7 @@
 
 from . import cifar_resnet as _cifar_resnet  # noqa: F401  (registers resnet20/32/44/56/110 into timm)
 from .accounting import BlockFlops, FlopsReport, calibrate, flops
-from .conversion import convert, gates, set_mode
+from .conversion import convert, gates, set_mode, to_dense, to_static
 from .errors import (
     AlreadyConvertedError,
     GateifyError,
@@ -19,6 +19,10 @@ from .errors import (
     UntraceableModelError,
 )
 from .gate import GateConfig, GateRecord, ResidualGate, cosine_incompatibility
+from .io import WeightsFileError, load, load_dense, save
+from .models import create_model
+from .regularizer import PRESETS, GateRegularizer, LossTerms, RegularizerConfig
+from .static import select_blocks, set_static, static_twin
 
 __version__ = "0.1.0"
 
@@ -26,6 +30,19 @@ __all__ = [
     "convert",
     "gates",
     "set_mode",
+    "to_dense",
+    "to_static",
+    "save",
+    "load",
+    "load_dense",
+    "create_model",
+    "set_static",
+    "select_blocks",
+    "static_twin",
+    "GateRegularizer",
+    "RegularizerConfig",
+    "PRESETS",
+    "LossTerms",
     "flops",
     "calibrate",
     "FlopsReport",
@@ -42,5 +59,6 @@ __all__ = [
     "NoResidualBlocksError",
     "NotConvertedError",
     "UntraceableModelError",
+    "WeightsFileError",
     "__version__",
 ]

@@ -75,7 +75,8 @@ class CifarResNet(nn.Module):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, rising linearly to this rate over the blocks.
         global_pool: timm pool type ('avg', 'max', 'avgmax', ...).
-        zero_init_last: start each block's last BatchNorm at zero weight (timm's default), so F(x)=0 at init.
+        zero_init_last: start each block's last BatchNorm at zero weight, so F(x)=0 at init. Off by default, as in
+            He et al.: timm's ImageNet ResNets default to on, but on small data it stalls the first epochs.
     """
 
     def __init__(
@@ -87,7 +88,7 @@ class CifarResNet(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
-        zero_init_last: bool = True,
+        zero_init_last: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -112,7 +113,7 @@ class CifarResNet(nn.Module):
         self.init_weights(zero_init_last=zero_init_last)
 
     @torch.jit.ignore
-    def init_weights(self, zero_init_last: bool = True) -> None:
+    def init_weights(self, zero_init_last: bool = False) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

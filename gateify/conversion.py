@@ -40,7 +40,7 @@ from .errors import (
 )
 from .gate import MODES, GateConfig, ResidualGate
 
-__all__ = ["convert", "gates", "set_mode", "GateifyTracer", "call_module"]
+__all__ = ["convert", "gates", "set_mode", "to_dense", "to_static", "GateifyTracer", "call_module"]
 
 _logger = logging.getLogger(__name__)
 
@@ -527,6 +527,7 @@ def convert(
             failures[f.failed] = str(f)
             continue
         gm = fx.GraphModule(block, block_graph, class_name=f"Gated{type(block).__name__}")
+        gm.meta["gateify_block_class"] = type(block).__name__  # survives deepcopy, unlike the class name
         gm.eval()  # shape propagation must not touch BatchNorm running statistics
         with torch.no_grad():
             ShapeProp(gm).propagate(*args)
@@ -554,6 +555,84 @@ def convert(
         gate.index = i
     _logger.info("gated %d residual blocks in %.2fs", len(gate_list), time.perf_counter() - start)
     return work
+
+
+def _inline_block(gm: fx.GraphModule, keep: dict[str, bool]) -> fx.GraphModule:
+    """The block without gates: each gate call becomes ``branch + shortcut`` (kept) or the shortcut (removed).
+
+    The branch graph's module calls become ``call_module`` nodes of the block again, so submodule names and the
+    state dict are the original ones; a removed branch's modules are no longer referenced and are dropped.
+    """
+    graph = copy.deepcopy(gm.graph)
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), ResidualGate):
+            continue
+        gate: ResidualGate = gm.get_submodule(node.target)
+        shortcut, inputs, params = node.args
+        with graph.inserting_before(node):
+            if keep[node.target]:
+                placeholders = [n for n in gate.branch.graph.nodes if n.op == "placeholder"]
+                env = dict(zip(placeholders, [*inputs, *params]))
+                for n in gate.branch.graph.nodes:
+                    if n.op == "placeholder":
+                        continue
+                    if n.op == "output":
+                        out = graph.call_function(operator.add, (env[n.args[0]], shortcut))
+                        break
+                    if n.op == "call_function" and n.target is call_module:
+                        module = env[n.args[0]]
+                        args = fx.node.map_arg(n.args[1:], env.__getitem__)
+                        env[n] = graph.call_module(module.target, args, fx.node.map_arg(n.kwargs, env.__getitem__))
+                    else:
+                        env[n] = graph.node_copy(n, env.__getitem__)
+            elif gate.owns_shortcut:
+                out = shortcut
+            else:  # what follows may act in place (ReLU(inplace=True)): do not hand it the block input
+                out = graph.call_method("clone", (shortcut,))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    for n in reversed(list(graph.nodes)):  # module handles fetched for the gate and now unused
+        if n.op == "get_attr" and not n.users and isinstance(gm.get_submodule(n.target), nn.Module):
+            graph.erase_node(n)
+    graph.lint()
+    name = gm.meta.get("gateify_block_class", "Block")
+    plain = fx.GraphModule(gm, graph, class_name=name)
+    plain.train(gm.training)
+    return plain
+
+
+def _replace_gated_blocks(model: nn.Module, keep: Callable[[str, ResidualGate], bool], inplace: bool) -> nn.Module:
+    found = gates(model)
+    if not found:
+        raise NotConvertedError("this model has no gates; it is already plain.")
+    work = model if inplace else copy.deepcopy(model)
+    blocks: dict[str, dict[str, bool]] = {}
+    for name, gate in gates(work).items():
+        path = next(p for p, m in work.named_modules() if m is gate)
+        block, _, attr = path.rpartition(".")
+        blocks.setdefault(block, {})[attr] = keep(name, gate)
+    for block, decisions in blocks.items():
+        work.set_submodule(block, _inline_block(work.get_submodule(block), decisions))
+    return work
+
+
+def to_dense(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The converted model without its gates: every block computes ``branch + shortcut`` again.
+
+    The top-level class is the original one and the state dict has the original keys and (fine-tuned) values, so
+    ``timm.create_model(name).load_state_dict(to_dense(gated).state_dict())`` gives back the library's own classes.
+    """
+    return _replace_gated_blocks(model, lambda name, gate: True, inplace)
+
+
+def to_static(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """A plain model with each block's fixed decision baked in: ``static_keep`` blocks compute ``branch +
+    shortcut``, the others their shortcut only and no longer contain their branch's modules.
+
+    No gates, no data-dependent shapes: exports with ``torch.export`` and ONNX like any ResNet. Set the
+    decisions first with :func:`gateify.static.set_static` (or :func:`gateify.static.select_blocks`).
+    """
+    return _replace_gated_blocks(model, lambda name, gate: bool(gate.static_keep), inplace)
 
 
 def _no_residual_message(model: nn.Module) -> str:

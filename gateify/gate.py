@@ -84,12 +84,14 @@ class GateRecord(NamedTuple):
     ``keep_prob`` is the deterministic keep probability (with gradient in ``"gumbel"`` mode), ``gate`` the value
     that multiplied the branch (straight-through sample in ``"gumbel"``, a bool mask in ``"hard"``, 0/1 otherwise),
     ``cir`` the cosine
-    incompatibility ratio where F(x) ran for the whole batch (``None`` in ``"hard"`` controller mode).
+    incompatibility ratio where F(x) ran for the whole batch (``None`` in ``"hard"`` controller mode), ``mode`` the
+    mode that produced the record.
     """
 
     keep_prob: Optional[torch.Tensor]
     gate: torch.Tensor
     cir: Optional[torch.Tensor]
+    mode: str
 
 
 def cosine_incompatibility(shortcut: torch.Tensor, branch: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -203,15 +205,16 @@ class ResidualGate(nn.Module):
         t = self.threshold.clamp(1e-6, 1 - 1e-6)
         return torch.log(t) - torch.log1p(-t)
 
-    def _record(self, keep_prob: Optional[torch.Tensor], gate: torch.Tensor, cir: Optional[torch.Tensor]) -> None:
+    def _record(self, mode: str, keep_prob: Optional[torch.Tensor], gate: torch.Tensor,
+                cir: Optional[torch.Tensor]) -> None:
         if not torch.compiler.is_exporting():  # an exported program must not leave fake tensors on the module
             # plain attribute write: nn.Module.__setattr__ costs more than the rest of a gate at batch 1
-            object.__setattr__(self, "last", GateRecord(keep_prob, gate, cir))
+            object.__setattr__(self, "last", GateRecord(keep_prob, gate, cir, mode))
 
     def forward(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
         mode = self.effective_mode
         if mode == "dense":
-            self._record(None, shortcut.new_ones(shortcut.shape[0]), None)
+            self._record("dense", None, shortcut.new_ones(shortcut.shape[0]), None)
             return self._add(shortcut, self._run_branch(*inputs, *params))
         if mode == "static":
             return self._static(shortcut, inputs, params)
@@ -226,7 +229,7 @@ class ResidualGate(nn.Module):
     def _static(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
         keep = bool(self.static_keep)
         ones = shortcut.new_full((shortcut.shape[0],), float(keep))
-        self._record(None, ones, None)
+        self._record("static", None, ones, None)
         if keep:
             return self._add(shortcut, self._run_branch(*inputs, *params))
         return self._alone(shortcut)
@@ -246,7 +249,7 @@ class ResidualGate(nn.Module):
         soft = torch.sigmoid(z / self.tau)
         hard = (z >= 0).to(soft.dtype)
         g = hard + (soft - soft.detach())  # straight-through: forward exactly hard, backward soft
-        self._record(torch.sigmoid(logit), g, cir.detach())
+        self._record("gumbel", torch.sigmoid(logit), g, cir.detach())
         return shortcut + _per_sample(g, branch) * branch
 
     def _hard_cir(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
@@ -255,14 +258,14 @@ class ResidualGate(nn.Module):
         cir = cosine_incompatibility(shortcut, branch)
         p = torch.sigmoid(self._cir_logit(cir))
         keep = (p >= self.threshold).to(p.dtype)
-        self._record(p, keep, cir)
+        self._record("hard", p, keep, cir)
         return shortcut + _per_sample(keep, branch) * branch
 
     def _hard(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
         x = inputs[self.ctrl_index]
         p = torch.sigmoid(self.keep_logit(x))
         keep = p >= self.threshold  # p lies in [0, 1]: threshold 0 keeps all, > 1 skips all
-        self._record(p, keep, None)
+        self._record("hard", p, keep, None)
         if torch.compiler.is_exporting():
             return self._hard_export(shortcut, inputs, params, keep)
         idx = keep.nonzero().squeeze(1)  # the one host sync real skipping needs

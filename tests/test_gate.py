@@ -49,7 +49,7 @@ def test_gumbel_without_noise_decides_like_hard(resnet20, cifar_batch):
         hard_decisions = [g.last.gate.clone() for g in gateify.gates(gated).values()]
         gateify.set_mode(gated, "gumbel", noise=0.0)
         soft = gated(cifar_batch)
-        assert all(torch.equal(g.last.gate, d) for g, d in zip(gateify.gates(gated).values(), hard_decisions))
+        assert all(torch.equal(g.last.gate.bool(), d) for g, d in zip(gateify.gates(gated).values(), hard_decisions))
         assert (soft - hard).abs().max().item() <= 1e-5
 
 

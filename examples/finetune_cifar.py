@@ -1,0 +1,378 @@
+"""Fine-tune a ResNet with per-sample gates (CosineGate, gateify) and report accuracy next to realised FLOPs.
+
+Dense model (trained here, or --init weights) -> gateify.convert -> gated fine-tuning with the gate regulariser
+and distillation from the dense model -> hard-gated evaluation: accuracy, realised FLOPs saved (counted on the
+test set, gate overhead included), routing diagnostics, the static twin -> metrics.json, log.csv, plots and
+gated.safetensors in --out.
+
+    python examples/finetune_cifar.py                                   # CIFAR-10 ResNet-20 recipe (needs the data)
+    python examples/finetune_cifar.py --dataset digits --dense-epochs 30 --epochs 30 --out runs/digits  # offline
+    python examples/finetune_cifar.py --baseline static ...             # the same budget, static depth pruning
+    python examples/finetune_cifar.py --baseline dense ...              # the dense model trained as long
+    torchrun --nproc_per_node 2 examples/finetune_cifar.py ...          # DistributedDataParallel
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+import gateify
+from gateify.data import DATASETS, DataSplits, load_dataset
+from gateify.regularizer import PRESETS, RegularizerConfig, config_with
+from gateify.training import Checkpoint, EvalResult, TrainConfig, evaluate, fit
+
+_logger = logging.getLogger("finetune")
+
+KINDS = {"none": "gated", "static": "static", "dense": "dense_continued"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="cifar10", choices=DATASETS,
+                      help="cifar10 (python-batch layout in --data-dir), folder (ImageFolder train/ and val/ or "
+                           "test/), digits (offline default: scikit-learn's real 8x8 digits, upsampled)")
+    data.add_argument("--data-dir", default="data", help="dataset root (default: ./data)")
+    data.add_argument("--download", action="store_true", help="fetch CIFAR-10 if missing (needs network)")
+    data.add_argument("--input-size", type=int, default=None,
+                      help="image size fed to the model (default: 32 for cifar10/digits, else the model's own)")
+    data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="resnet20", help="timm name, or torchvision:<name>")
+    model.add_argument("--init", default=None, help="dense weights (safetensors) to start from; skips dense training")
+    model.add_argument("--gate", default="controller", choices=("controller", "cir"),
+                       help="controller: decided from the block input (saves compute); cir: paper-faithful, needs F(x)")
+    train = p.add_argument_group("training")
+    train.add_argument("--dense-epochs", type=int, default=160, help="dense training epochs when no --init is given")
+    train.add_argument("--dense-lr", type=float, default=0.1)
+    train.add_argument("--epochs", type=int, default=60, help="fine-tuning epochs (gated, static or dense)")
+    train.add_argument("--lr", type=float, default=0.02, help="fine-tuning learning rate (controllers get x10)")
+    train.add_argument("--batch-size", type=int, default=128, help="per process")
+    train.add_argument("--weight-decay", type=float, default=5e-4)
+    train.add_argument("--distill", type=float, default=1.0, help="weight of distillation from the dense model")
+    train.add_argument("--preset", default="balanced", choices=sorted(PRESETS))
+    train.add_argument("--target", type=float, default=None, help="override the preset's FLOPs target")
+    train.add_argument("--reg", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a regulariser field of the preset, e.g. --reg granularity=block (repeatable)")
+    train.add_argument("--baseline", default="none", choices=sorted(KINDS),
+                       help="none: gated run; static: prune blocks statically to the preset's target and fine-tune "
+                            "as long; dense: continue the dense model as long")
+    train.add_argument("--static-criterion", default="loss", choices=("loss", "keep_rate"))
+    train.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
+    train.add_argument("--seed", type=int, default=0)
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--out", default="runs/finetune", help="output folder")
+    run.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    run.add_argument("--no-plots", action="store_true")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+def setup_distributed(device: str) -> tuple[torch.device, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return torch.device(device), 0, 1
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local), rank, world
+    return torch.device(device), rank, world
+
+
+def loaders(data: DataSplits, args: argparse.Namespace, world: int) -> tuple[DataLoader, DataLoader, DataLoader]:
+    sampler = DistributedSampler(data.train, seed=args.seed) if world > 1 else None
+    common = dict(num_workers=args.workers, persistent_workers=args.workers > 0,
+                  pin_memory=args.device.startswith("cuda"))
+    train = DataLoader(data.train, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
+                       drop_last=len(data.train) >= 4 * args.batch_size, **common)
+    test = DataLoader(data.test, batch_size=256, **common)
+    # choices made on data (static selection, static twin) use training images, never the test set
+    calib_idx = torch.randperm(len(data.calibration), generator=torch.Generator().manual_seed(args.seed))[:1024]
+    calib = DataLoader(Subset(data.calibration, calib_idx.tolist()), batch_size=256)
+    return train, test, calib
+
+
+# ----------------------------------------------------------------------------------------------- phases
+
+
+def train_dense(model: torch.nn.Module, train: DataLoader, test: DataLoader, args: argparse.Namespace,
+                device: torch.device, world: int, log: list[dict[str, Any]]) -> torch.nn.Module:
+    dense_path = os.path.join(args.out, "dense.safetensors")
+    if args.init:
+        gateify.load_dense(model, args.init)
+        _logger.info("dense weights from %s", args.init)
+        return model
+    if args.resume and os.path.isfile(dense_path):
+        gateify.load_dense(model, dense_path)
+        _logger.info("dense model from %s (resumed)", dense_path)
+        return model
+    cfg = TrainConfig(epochs=args.dense_epochs, lr=args.dense_lr, weight_decay=args.weight_decay, amp=args.amp,
+                      seed=args.seed, warmup_epochs=min(2.0, args.dense_epochs / 10))
+    wrapped = DistributedDataParallel(model) if world > 1 else model
+
+    def after(epoch: int, stats: dict[str, float]) -> dict[str, float]:
+        result = evaluate(model, test, device, channels_last=channels_last(args))
+        log.append({"phase": "dense", **stats, "test_acc": result.accuracy, "flops_saved": 0.0})
+        return {"test_acc": result.accuracy}
+
+    fit(wrapped, train, cfg, device, checkpoint=Checkpoint(os.path.join(args.out, "dense_checkpoint.safetensors")),
+        resume=args.resume, on_epoch_end=after, channels_last=channels_last(args), progress_desc="dense")
+    if is_main():
+        gateify.save(model, dense_path)
+    return model
+
+
+def channels_last(args: argparse.Namespace) -> bool:
+    return args.device.startswith("cuda")
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def estimated_saved(result: EvalResult, costs: dict[str, float], dense: float, gate_flops: float) -> float:
+    """FLOPs saved implied by the decisions (per-epoch logging; the final figure is counted by gateify.flops)."""
+    rates = result.keep_rate()
+    return (sum((1 - rates[name]) * c for name, c in costs.items()) - gate_flops) / dense
+
+
+def regularizer_config(args: argparse.Namespace) -> RegularizerConfig:
+    """The preset with --target and --reg KEY=VALUE overrides (values parsed as JSON, else kept as strings)."""
+    overrides: dict[str, Any] = {}
+    for item in args.reg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise gateify.GateifyError(f"--reg {item!r}: expected KEY=VALUE, e.g. --reg granularity=block.")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    if args.target is not None:
+        overrides["target"] = args.target
+    return config_with(args.preset, **overrides)
+
+
+def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoader, test: DataLoader,
+             calib: DataLoader, args: argparse.Namespace, device: torch.device, world: int,
+             log: list[dict[str, Any]]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Fine-tune for ``args.epochs`` as ``kind`` (gated / static / dense_continued); returns the model and facts."""
+    preset = regularizer_config(args)
+    teacher = copy.deepcopy(dense).eval() if args.distill > 0 else None
+    facts: dict[str, Any] = {}
+    regularizer = None
+    if kind == "dense_continued":
+        model = copy.deepcopy(dense)
+        costs, dense_flops, gate_flops = {}, 1.0, 0.0
+    else:
+        model = gateify.convert(copy.deepcopy(dense), gate=args.gate,
+                                example_input=next(iter(calib))[0][:2].to(device))
+        report = gateify.flops(model.eval(), next(iter(calib))[0].to(device))
+        costs = {b.name: b.branch_flops for b in report.blocks}
+        dense_flops, gate_flops = report.dense_flops, report.gate_flops
+        if kind == "gated":
+            regularizer = gateify.GateRegularizer(model, report, preset)
+            facts["regularizer"] = preset.to_dict()
+        else:  # static: the blocks to remove are chosen on training data, for the same FLOPs target
+            keep = gateify.select_blocks(model, calib, preset.target, criterion=args.static_criterion)
+            gateify.set_static(model, keep)
+            gate_flops = 0.0
+            facts["static_blocks"] = keep
+            for name, gate in gateify.gates(model).items():  # unused parameters must not wait for gradients
+                for p in gate.parameters():
+                    p.requires_grad_(False)
+    model.train()
+    wrapped = DistributedDataParallel(model, find_unused_parameters=kind == "static") if world > 1 else model
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, amp=args.amp, seed=args.seed + 1,
+                      distill_weight=args.distill)
+
+    def after(epoch: int, stats: dict[str, float]) -> dict[str, float]:
+        result = evaluate(model, test, device, channels_last=channels_last(args))
+        saved = estimated_saved(result, costs, dense_flops, gate_flops) if costs else 0.0
+        log.append({"phase": kind, **stats, "test_acc": result.accuracy, "flops_saved": saved})
+        return {"test_acc": result.accuracy, "flops_saved": saved}
+
+    start = time.perf_counter()
+    fit(wrapped, train, cfg, device, regularizer=regularizer, teacher=teacher,
+        checkpoint=Checkpoint(os.path.join(args.out, "checkpoint.safetensors")), resume=args.resume,
+        on_epoch_end=after, channels_last=channels_last(args), progress_desc=kind)
+    facts["finetune_seconds"] = time.perf_counter() - start
+    return model.eval(), facts
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+
+
+def report(kind: str, model: torch.nn.Module, dense: torch.nn.Module, data: DataSplits, test: DataLoader,
+           calib: DataLoader, args: argparse.Namespace, device: torch.device, facts: dict[str, Any],
+           source_acc: float) -> dict[str, Any]:
+    cl = channels_last(args)
+    result = evaluate(model, test, device, channels_last=cl)
+    test_images = [x for x, _ in test]
+    counted = gateify.flops(model, test_images)
+    dense_macs = gateify.flops(dense.eval(), test_images[:1]).dense_macs
+    metrics: dict[str, Any] = {
+        "kind": kind, "model": args.model, "dataset": args.dataset, "preset": args.preset if kind != "dense_continued"
+        else None, "gate": args.gate if kind == "gated" else None, "epochs": args.epochs,
+        "dense_epochs": 0 if args.init else args.dense_epochs, "test_acc": result.accuracy,
+        "source_test_acc": source_acc, "dense_macs": dense_macs, "executed_macs": counted.executed_macs,
+        "gate_macs": counted.gate_macs, "flops_saved": 1 - counted.executed_macs / dense_macs,
+        "test_samples": counted.samples,
+    }
+    if gateify.gates(model):
+        modes = {name: g.mode for name, g in gateify.gates(model).items()}
+        gateify.set_mode(model, "dense")
+        metrics["test_acc_dense"] = evaluate(model, test, device, channels_last=cl).accuracy
+        for name, g in gateify.gates(model).items():
+            g.mode = modes[name]
+        metrics["keep_rate_per_block"] = result.keep_rate()
+        metrics["minority_share_per_block"] = result.minority_share()
+        metrics["keep_rate_per_class"] = result.keep_rate_per_class(data.num_classes)
+        metrics["classes"] = list(data.classes)
+        metrics["block_macs"] = {b.name: b.branch_flops / 2 for b in counted.blocks}
+        if kind == "gated":
+            twin_keep = gateify.static_twin(model, calib)
+            twin = copy.deepcopy(model)
+            gateify.set_static(twin, twin_keep)
+            metrics["static_twin_blocks"] = twin_keep
+            metrics["static_twin_acc"] = evaluate(twin, test, device, channels_last=cl).accuracy
+            metrics["static_twin_flops_saved"] = 1 - gateify.flops(twin, test_images[:1]).executed_macs / dense_macs
+    else:
+        metrics["test_acc_dense"] = result.accuracy
+    metrics.update(facts)
+    metrics.update(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size,
+                   torch=torch.__version__, python=platform.python_version(), command=" ".join(sys.argv),
+                   world_size=dist.get_world_size() if dist.is_initialized() else 1)
+    return metrics
+
+
+def write_log(log: list[dict[str, Any]], path: str) -> None:
+    keys = list(dict.fromkeys(k for row in log for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(log)
+
+
+def plot(metrics: dict[str, Any], log: list[dict[str, Any]], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    epochs = range(1, len(log) + 1)
+    ax.plot(epochs, [100 * r["test_acc"] for r in log], label="test accuracy (%)")
+    ax.plot(epochs, [100 * r.get("flops_saved", 0.0) for r in log], label="FLOPs saved (%)")
+    for i, (a, b) in enumerate(zip(log, log[1:])):
+        if a["phase"] != b["phase"]:
+            ax.axvline(i + 1.5, color="grey", ls=":")
+    ax.set_xlabel("epoch (dense, then fine-tuning)")
+    ax.set_title(f"{metrics['model']} on {metrics['dataset']}: {metrics['kind']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_flops.png"), dpi=120)
+    plt.close(fig)
+    rates = metrics.get("keep_rate_per_block")
+    if not rates:
+        return
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(rates)), 3.5))
+    ax.bar(range(len(rates)), list(rates.values()))
+    ax.set_xticks(range(len(rates)), list(rates), rotation=60, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("keep rate (test set, hard gates)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "keep_rate.png"), dpi=120)
+    plt.close(fig)
+    per_class = metrics["keep_rate_per_class"]
+    grid = torch.tensor([per_class[b] for b in rates]).T
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(rates)), 0.3 * len(metrics["classes"]) + 1.5))
+    im = ax.imshow(grid.numpy(), vmin=0, vmax=1, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(rates)), list(rates), rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(metrics["classes"])), metrics["classes"], fontsize=7)
+    fig.colorbar(im, ax=ax, label="keep rate")
+    ax.set_title("keep rate per class and block")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "keep_rate_per_class.png"), dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole job; returns metrics (also written to --out/metrics.json)."""
+    device, rank, world = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    kind = KINDS[args.baseline]
+    size = args.input_size or (32 if args.dataset in ("cifar10", "digits") else None)
+    if size is None:
+        size = int(gateify.create_model(args.model).pretrained_cfg.get("input_size", (3, 224, 224))[-1]) \
+            if not args.model.startswith("torchvision:") else 224
+    data = load_dataset(args.dataset, args.data_dir, size, download=args.download)
+    train, test, calib = loaders(data, args, world)
+    model = gateify.create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans).to(device)
+    if channels_last(args):
+        model = model.to(memory_format=torch.channels_last)
+    log: list[dict[str, Any]] = []
+    log_path = os.path.join(args.out, "log.csv")
+    if args.resume and os.path.isfile(log_path):
+        with open(log_path) as f:
+            log = [{k: (float(v) if k != "phase" else v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    dense = train_dense(model, train, test, args, device, world, log)
+    source_acc = evaluate(dense, test, device, channels_last=channels_last(args)).accuracy
+    _logger.info("dense source model: test accuracy %.4f", source_acc)
+    finetuned, facts = finetune(kind, dense, data, train, test, calib, args, device, world, log)
+    metrics = report(kind, finetuned, dense, data, test, calib, args, device, facts, source_acc)
+    if world > 1:
+        digest = sum(float(t.double().sum()) for t in finetuned.state_dict().values() if t.is_floating_point())
+        with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+            json.dump({"rank": rank, "test_acc": metrics["test_acc"], "state_sum": digest}, f)
+    if is_main():
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        write_log(log, log_path)
+        gateify.save(finetuned, os.path.join(args.out, f"{kind}.safetensors"))
+        if not args.no_plots:
+            plot(metrics, log, args.out)
+        summary = (f"{kind}: test accuracy {100 * metrics['test_acc']:.2f}% (source {100 * source_acc:.2f}%), "
+                   f"realised FLOPs saved {100 * metrics['flops_saved']:.1f}% of {metrics['dense_macs'] / 1e6:.1f}M "
+                   f"MACs per image (counted on {metrics['test_samples']} test images, gate overhead included)")
+        if "static_twin_acc" in metrics:
+            summary += (f"; static twin {100 * metrics['static_twin_acc']:.2f}% at "
+                        f"{100 * metrics['static_twin_flops_saved']:.1f}% saved")
+        print(summary)
+        print(f"outputs in {args.out}: metrics.json, log.csv, {kind}.safetensors" + ("" if args.no_plots else ", *.png"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return metrics
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except gateify.GateifyError as e:  # a refusal with its remedy; no traceback needed
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

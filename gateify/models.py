@@ -1,0 +1,81 @@
+"""Create a timm or torchvision ResNet by name, and remember how, so saved gated models can be rebuilt.
+
+``create_model("resnet20")`` and ``create_model("resnet50", num_classes=10, in_chans=1)`` go to timm (where
+``import gateify`` registered the CIFAR ResNets); ``create_model("torchvision:resnet50")`` goes to torchvision.
+No weights are ever downloaded: gateify builds architectures; weights come from your files.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torchvision
+from torch import nn
+
+from .errors import GateifyError
+
+__all__ = ["create_model", "architecture_of"]
+
+TORCHVISION_PREFIX = "torchvision:"
+_ARCH_ATTR = "gateify_architecture"
+
+
+def _torchvision(name: str, num_classes: int | None, in_chans: int | None, **kwargs: Any) -> nn.Module:
+    builder = getattr(torchvision.models, name, None)
+    if builder is None or not callable(builder):
+        raise GateifyError(f"torchvision has no model '{name}'; see torchvision.models.list_models().")
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    model = builder(weights=None, **kwargs)
+    if in_chans is not None and in_chans != 3:  # torchvision ResNets take no in_chans: rebuild the stem conv
+        old = model.conv1
+        model.conv1 = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding,
+                                bias=old.bias is not None)
+    return model
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """A randomly initialised ResNet: a timm name (``resnet50``, ``resnet20``) or ``torchvision:<name>``.
+
+    ``num_classes`` and ``in_chans`` work for both libraries; other keywords go to the library's builder. The
+    returned model records ``{"name", "kwargs"}`` so that :func:`gateify.save` can store how to rebuild it.
+    """
+    if kwargs.pop("pretrained", False):
+        raise GateifyError("gateify never downloads weights: create the model, then load your own "
+                           "(gateify.load_dense(model, 'weights.safetensors')).")
+    if name.startswith(TORCHVISION_PREFIX):
+        model = _torchvision(name[len(TORCHVISION_PREFIX):], kwargs.pop("num_classes", None),
+                             kwargs.pop("in_chans", None), **kwargs)
+    else:
+        if not timm.is_model(name):
+            raise GateifyError(f"unknown model '{name}': not in timm's registry (timm.list_models('resnet*')); "
+                               f"use 'torchvision:<name>' for torchvision models.")
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    setattr(model, _ARCH_ATTR, {"name": name, "kwargs": dict(kwargs, **_io_kwargs(model))})
+    return model
+
+
+def _io_kwargs(model: nn.Module) -> dict[str, int]:
+    """num_classes and in_chans as built, so a rebuilt model has the same shapes."""
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    out: dict[str, int] = {}
+    if first_conv is not None:
+        out["in_chans"] = first_conv.in_channels
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", None)
+    if isinstance(classifier, nn.Linear):
+        out["num_classes"] = classifier.out_features
+    return out
+
+
+def architecture_of(model: nn.Module) -> dict[str, Any] | None:
+    """How ``model`` was built (``{"name", "kwargs"}``), if gateify or timm knows it; else ``None``."""
+    arch = getattr(model, _ARCH_ATTR, None)
+    if arch is not None:
+        return arch
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture")
+    if name and timm.is_model(name):
+        return {"name": name, "kwargs": _io_kwargs(model)}
+    return None
+

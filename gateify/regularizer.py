@@ -1,0 +1,238 @@
+"""Loss terms of gated fine-tuning and their schedules; the three presets live here, as data.
+
+Per training step, with ``g[b, i]`` the gate value of block ``b`` for sample ``i`` (straight-through: the hard
+decision forward, the relaxed Gumbel-Softmax sample backward), ``c[b]`` block ``b``'s branch FLOPs per sample and
+``D`` the dense model's FLOPs per sample (all from :func:`gateify.flops`):
+
+* FLOPs fraction ``E = (D - sum_b c[b] + G + sum_b c[b] * mean_i g[b, i]) / D`` (``G``: the controllers' FLOPs),
+  the executed FLOPs of this batch under the current decisions, as :func:`gateify.flops` would count them.
+  ``flops`` term: ``w(t) * (E - target)^2`` (``granularity="model"``), or the mean over blocks of
+  ``w(t) * (mean_i g[b, i] - target_b)^2`` with every block's keep rate pulled to the one global keep rate that
+  meets the target (``granularity="block"``: forces every block to route, see docs/method.md).
+* ``consistency`` term (CIR, self-supervised): for each block, the ``k`` samples of the batch with the highest
+  CIR = 1 - cos(S(x), F(x)) are the ones the block should keep, ``k`` being how many it keeps now; the loss is the
+  binary cross-entropy between the keep probability and that target, averaged over samples and blocks.
+* ``w(t)`` is 0 for the first ``warmup`` fraction of training, then rises to ``flops_weight`` over the next
+  ``ramp`` fraction (linear or cosine), then stays. The Gumbel temperature and noise scale anneal from their start
+  to their end value (cosine) over ``anneal`` of training, so training ends on the deterministic inference rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping, NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .accounting import FlopsReport
+from .conversion import gates
+from .errors import GateifyError, NotConvertedError
+
+__all__ = ["RegularizerConfig", "PRESETS", "GateRegularizer", "LossTerms", "ramp"]
+
+
+@dataclass(frozen=True)
+class RegularizerConfig:
+    """Every knob of the gate regulariser. ``PRESETS`` holds the three named operating points.
+
+    Attributes:
+        target: executed FLOPs as a fraction of dense that the FLOPs term pulls toward (gate overhead included).
+        flops_weight: weight of the FLOPs term once ramped up.
+        granularity: ``"model"`` (one term on the whole model's FLOPs) or ``"block"`` (every block's keep rate).
+        warmup: fraction of training before the FLOPs weight starts to rise.
+        ramp: fraction of training over which it rises to ``flops_weight``.
+        ramp_shape: ``"linear"`` or ``"cosine"``.
+        consistency_weight: weight of the CIR consistency term (0 disables it).
+        tau_start, tau_end: Gumbel-Softmax temperature at the start and end of the anneal.
+        noise_start, noise_end: Gumbel noise scale at the start and end of the anneal.
+        anneal: fraction of training over which temperature and noise anneal.
+    """
+
+    target: float = 0.70
+    flops_weight: float = 20.0
+    granularity: str = "model"
+    warmup: float = 0.0
+    ramp: float = 0.3
+    ramp_shape: str = "cosine"
+    consistency_weight: float = 0.1
+    tau_start: float = 1.0
+    tau_end: float = 0.5
+    noise_start: float = 1.0
+    noise_end: float = 0.0
+    anneal: float = 0.7
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 < self.target <= 1.5:
+            problems.append(f"target={self.target} must be a FLOPs fraction in (0, 1.5]")
+        if self.granularity not in ("model", "block"):
+            problems.append(f"granularity={self.granularity!r} must be 'model' or 'block'")
+        if self.ramp_shape not in ("linear", "cosine"):
+            problems.append(f"ramp_shape={self.ramp_shape!r} must be 'linear' or 'cosine'")
+        for name in ("warmup", "ramp", "anneal"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name}={getattr(self, name)} must be a fraction of training in [0, 1]")
+        if min(self.tau_start, self.tau_end) <= 0 or min(self.noise_start, self.noise_end) < 0:
+            problems.append("temperatures must be > 0 and noise scales >= 0")
+        if min(self.flops_weight, self.consistency_weight) < 0:
+            problems.append("weights must be >= 0")
+        if problems:
+            raise GateifyError("invalid regulariser config: " + "; ".join(problems) + ".")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: The named operating points; ``balanced`` is the default. Targets are executed FLOPs fractions.
+PRESETS: dict[str, RegularizerConfig] = {
+    "aggressive": RegularizerConfig(target=0.55),
+    "balanced": RegularizerConfig(target=0.70),
+    "conservative": RegularizerConfig(target=0.85),
+}
+
+
+def ramp(progress: float, start: float, length: float, shape: str = "linear") -> float:
+    """0 before ``start``, rising to 1 over ``length`` (linear, or cosine: ``(1 - cos(pi * s)) / 2``), then 1."""
+    if progress <= start:
+        return 0.0
+    if length <= 0 or progress >= start + length:
+        return 1.0
+    s = (progress - start) / length
+    return s if shape == "linear" else 0.5 * (1.0 - math.cos(math.pi * s))
+
+
+class LossTerms(NamedTuple):
+    """The regulariser's output for one step; ``total`` is what to backpropagate."""
+
+    total: torch.Tensor
+    task: torch.Tensor
+    flops: torch.Tensor
+    consistency: torch.Tensor
+    flops_fraction: torch.Tensor  # executed FLOPs fraction of this batch (detached)
+
+
+class GateRegularizer:
+    """Adds the FLOPs and consistency terms to a task loss, and anneals the gates' temperature and noise.
+
+    Use it from any training loop::
+
+        reg = gateify.GateRegularizer(gated, gateify.flops(gated, example_batch), "balanced")
+        for step, (x, y) in enumerate(loader):
+            reg.step(progress=step / total_steps)   # sets tau/noise, the FLOPs weight
+            terms = reg(F.cross_entropy(gated(x), y))
+            terms.total.backward()
+
+    Args:
+        model: the converted model (or a DDP wrapper of it) whose gates ran in ``"gumbel"`` mode this step.
+        costs: a :class:`FlopsReport` of that model (dense mode or any mode: only per-block branch FLOPs, dense and
+            gate FLOPs are read), or a ``{block: branch FLOPs}`` mapping, then with ``dense_flops``.
+        config: a :class:`RegularizerConfig` or a preset name (``"aggressive"``, ``"balanced"``, ``"conservative"``).
+    """
+
+    def __init__(self, model: nn.Module, costs: Union[FlopsReport, Mapping[str, float]],
+                 config: Union[RegularizerConfig, str] = "balanced", *, dense_flops: Optional[float] = None,
+                 gate_flops: float = 0.0) -> None:
+        if isinstance(config, str):
+            if config not in PRESETS:
+                raise GateifyError(f"unknown preset {config!r}; use one of {sorted(PRESETS)} or a RegularizerConfig.")
+            config = PRESETS[config]
+        self.config = config
+        self.gates = gates(getattr(model, "module", model))
+        if not self.gates:
+            raise NotConvertedError("GateRegularizer needs a converted model; call gateify.convert(model) first.")
+        if isinstance(costs, FlopsReport):
+            dense_flops, gate_flops = costs.dense_flops, costs.gate_flops
+            costs = {b.name: b.branch_flops for b in costs.blocks}
+        if dense_flops is None:
+            raise GateifyError("pass dense_flops with a cost mapping, or pass a FlopsReport from gateify.flops.")
+        missing = set(self.gates) - set(costs)
+        if missing:
+            raise GateifyError(f"no branch FLOPs for blocks {sorted(missing)}; count them with gateify.flops.")
+        self.costs = torch.tensor([float(costs[name]) for name in self.gates], dtype=torch.float64)
+        self.dense_flops = float(dense_flops)
+        self.fixed_flops = self.dense_flops - float(self.costs.sum()) + float(gate_flops)
+        self.progress = 0.0
+        self.flops_weight = 0.0
+
+    def schedule(self, progress: float) -> dict[str, float]:
+        """The FLOPs weight, temperature and noise scale at ``progress`` (fraction of training done, 0..1)."""
+        c = self.config
+        a = ramp(progress, 0.0, c.anneal, "cosine")
+        return {
+            "flops_weight": c.flops_weight * ramp(progress, c.warmup, c.ramp, c.ramp_shape),
+            "tau": c.tau_start + (c.tau_end - c.tau_start) * a,
+            "noise": c.noise_start + (c.noise_end - c.noise_start) * a,
+        }
+
+    def step(self, progress: float) -> dict[str, float]:
+        """Move to ``progress``: set every gate's temperature and noise, and the FLOPs weight. Returns the values."""
+        values = self.schedule(progress)
+        self.progress = progress
+        self.flops_weight = values["flops_weight"]
+        for gate in self.gates.values():
+            gate.tau, gate.noise = values["tau"], values["noise"]
+        return values
+
+    def block_keep_target(self) -> float:
+        """The keep rate that, given to every block, meets ``target``."""
+        skippable = float(self.costs.sum())
+        return min(1.0, max(0.0, (self.config.target * self.dense_flops - self.fixed_flops) / skippable))
+
+    def _records(self) -> list:
+        records = [g.last for g in self.gates.values()]
+        if any(r is None or r.mode != "gumbel" for r in records):
+            raise GateifyError("the gates' last forward pass was not in 'gumbel' mode: run the model in train() "
+                               "(mode 'auto') or set_mode(model, 'gumbel') before computing the loss.")
+        return records
+
+    def flops_fraction(self) -> torch.Tensor:
+        """Executed FLOPs fraction of the last batch, differentiable through the straight-through gates."""
+        records = self._records()
+        keep = torch.stack([r.gate.float().mean() for r in records])
+        costs = self.costs.to(keep.device, keep.dtype)
+        return (self.fixed_flops + (costs * keep).sum()) / self.dense_flops
+
+    def flops_loss(self) -> torch.Tensor:
+        if self.config.granularity == "model":
+            return self.flops_weight * (self.flops_fraction() - self.config.target) ** 2
+        target = self.block_keep_target()
+        keep = torch.stack([r.gate.float().mean() for r in self._records()])
+        return self.flops_weight * ((keep - target) ** 2).mean()
+
+    def consistency_loss(self) -> torch.Tensor:
+        """BCE between keep probabilities and 'keep the k highest-CIR samples', k = how many each block keeps now."""
+        losses = []
+        for gate, record in zip(self.gates.values(), self._records()):
+            if gate.config.gate == "cir" or record.cir is None:
+                continue  # a CIR gate's logit is a function of CIR already
+            k = int(round(float(record.gate.detach().float().sum())))
+            target = torch.zeros_like(record.keep_prob)
+            if k > 0:
+                target[record.cir.topk(k).indices] = 1.0
+            prob = record.keep_prob.clamp(1e-6, 1 - 1e-6)
+            losses.append(F.binary_cross_entropy(prob, target))
+        if not losses:
+            return self.costs.new_zeros((), dtype=torch.float32)
+        return torch.stack(losses).mean()
+
+    def __call__(self, task_loss: torch.Tensor) -> LossTerms:
+        """``task_loss`` plus the regulariser's terms for the last forward pass."""
+        flops = self.flops_loss()
+        consistency = self.consistency_loss().to(flops.device) if self.config.consistency_weight else flops.new_zeros(())
+        total = task_loss + flops.to(task_loss.dtype) + self.config.consistency_weight * consistency
+        return LossTerms(total, task_loss.detach(), flops.detach(), consistency.detach(),
+                         self.flops_fraction().detach())
+
+
+def config_with(preset: str, **overrides: Any) -> RegularizerConfig:
+    """A preset with some fields changed, e.g. ``config_with("balanced", target=0.65)``."""
+    if preset not in PRESETS:
+        raise GateifyError(f"unknown preset {preset!r}; use one of {sorted(PRESETS)}.")
+    known = {f.name for f in fields(RegularizerConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise GateifyError(f"unknown regulariser fields {sorted(unknown)}; known: {sorted(known)}.")
+    return replace(PRESETS[preset], **overrides)

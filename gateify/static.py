@@ -1,0 +1,150 @@
+"""Static depth pruning: the same blocks removed for every sample. The baseline per-sample gating must beat.
+
+A converted model in ``"static"`` mode runs each block's fixed decision (``gate.static_keep``) with no controller
+and no data-dependent shapes; :func:`gateify.to_static` turns it into a plain model without the removed branches.
+Which blocks to remove for a FLOPs target is chosen by :func:`select_blocks`:
+
+* ``criterion="loss"``: greedy; each step removes the block whose removal raises the cross-entropy on a
+  calibration loader least, until executed FLOPs are at or below the target (so within one block's cost of it).
+* ``criterion="keep_rate"``: for a trained gated model, remove the blocks its gates keep least often (hard mode on
+  the loader), in that order, until the target is met.
+
+:func:`static_twin` gives a gated model's majority decision per block: the depth its routing implies.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .accounting import flops
+from .conversion import gates
+from .errors import GateifyError, NotConvertedError
+
+__all__ = ["set_static", "select_blocks", "static_twin", "static_flops_fraction"]
+
+
+def _gates(model: nn.Module):
+    found = gates(model)
+    if not found:
+        raise NotConvertedError("static pruning works on converted models; call gateify.convert(model) first.")
+    return found
+
+
+def set_static(model: nn.Module, keep: Mapping[str, bool]) -> nn.Module:
+    """Put every gate in ``"static"`` mode with ``keep[block]`` (blocks not named are kept). Returns ``model``."""
+    found = _gates(model)
+    unknown = set(keep) - set(found)
+    if unknown:
+        raise GateifyError(f"keep names unknown blocks {sorted(unknown)}; blocks are {list(found)}.")
+    for name, gate in found.items():
+        gate.static_keep.fill_(bool(keep.get(name, True)))
+        gate.mode = "static"
+    return model
+
+
+def _costs(model: nn.Module, loader: Iterable) -> tuple[dict[str, float], float]:
+    report = flops(model, loader, max_batches=1)
+    return {b.name: b.branch_flops for b in report.blocks}, report.dense_flops
+
+
+def static_flops_fraction(costs: Mapping[str, float], dense_flops: float, keep: Mapping[str, bool]) -> float:
+    """Executed FLOPs fraction of a static selection (no controller runs in static mode)."""
+    return (dense_flops - sum(c for name, c in costs.items() if not keep.get(name, True))) / dense_flops
+
+
+def _loss(model: nn.Module, batches: list, device: torch.device) -> float:
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            logits = model(x.to(device))
+            total += float(F.cross_entropy(logits, y.to(device), reduction="sum"))
+            n += len(y)
+    return total / n
+
+
+def select_blocks(model: nn.Module, loader: Iterable, target: float, *, criterion: str = "loss",
+                  max_batches: Optional[int] = 8) -> dict[str, bool]:
+    """Which blocks to keep so that executed FLOPs are at most ``target`` x dense (see module doc).
+
+    Args:
+        loader: ``(images, labels)`` batches (training data, not the test set); max_batches: how many to use.
+        criterion: ``"loss"`` or ``"keep_rate"``.
+
+    Returns:
+        ``{block: keep}``; the model's modes are left as they were.
+    """
+    found = _gates(model)
+    if criterion not in ("loss", "keep_rate"):
+        raise GateifyError(f"criterion={criterion!r}; use 'loss' or 'keep_rate'.")
+    batches = []
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        batches.append(batch)
+    if not batches:
+        raise GateifyError("select_blocks needs at least one (images, labels) batch.")
+    before = {name: (g.mode, bool(g.static_keep)) for name, g in found.items()}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        costs, dense = _costs(model, [x for x, _ in batches])
+        keep = {name: True for name in found}
+        floor = static_flops_fraction(costs, dense, {name: False for name in found})
+        if target < floor:
+            raise GateifyError(f"target={target} is below {floor:.3f}, the FLOPs left with every block removed.")
+        if criterion == "keep_rate":
+            rates = _keep_rates(model, batches, device)
+            order = sorted(found, key=lambda name: rates[name])
+        while static_flops_fraction(costs, dense, keep) > target:
+            if criterion == "keep_rate":
+                victim = next(name for name in order if keep[name])
+            else:
+                trials = {}
+                for name in (n for n in found if keep[n]):
+                    set_static(model, {**keep, name: False})
+                    trials[name] = _loss(model, batches, device)
+                victim = min(trials, key=trials.get)
+            keep[victim] = False
+        return keep
+    finally:
+        for name, gate in found.items():
+            gate.mode, _ = before[name]
+            gate.static_keep.fill_(before[name][1])
+        model.train(was_training)
+
+
+def _keep_rates(model: nn.Module, batches: list, device: torch.device) -> dict[str, float]:
+    found = gates(model)
+    kept = dict.fromkeys(found, 0.0)
+    n = 0
+    for gate in found.values():
+        gate.mode = "hard"
+    with torch.no_grad():
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(device))
+            n += len(x)
+            for name, gate in found.items():
+                kept[name] += float(gate.last.gate.sum())
+    return {name: k / n for name, k in kept.items()}
+
+
+def static_twin(model: nn.Module, loader: Iterable, *, max_batches: Optional[int] = None) -> dict[str, bool]:
+    """Each block's majority hard decision on ``loader``: keep it iff the gate keeps at least half the samples."""
+    found = _gates(model)
+    batches = [b for i, b in enumerate(loader) if max_batches is None or i < max_batches]
+    modes = {name: g.mode for name, g in found.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        rates = _keep_rates(model, batches, next(model.parameters()).device)
+    finally:
+        for name, gate in found.items():
+            gate.mode = modes[name]
+        model.train(was_training)
+    return {name: rate >= 0.5 for name, rate in rates.items()}

@@ -1,0 +1,315 @@
+"""A small training helper: epochs with an optional gate regulariser and teacher, checkpoints, resume, evaluation.
+
+Plain PyTorch users do not need it (see :class:`gateify.GateRegularizer`); the example scripts use it. It handles:
+SGD with per-step cosine decay, gradient clipping, knowledge distillation from a teacher, AMP and channels_last
+on CUDA, DistributedDataParallel models, a NaN/inf guard, and checkpoints written atomically every epoch as
+safetensors (model, optimizer state, progress: nothing is pickled), so a killed run resumes losing at most one
+epoch. Data order and Gumbel noise are seeded per epoch, so a resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .conversion import gates
+from .errors import GateifyError
+from .io import atomic_save, read_safetensors
+from .regularizer import GateRegularizer
+
+__all__ = ["TrainConfig", "TrainingError", "Checkpoint", "EvalResult", "evaluate", "fit", "distill_loss",
+           "make_optimizer"]
+
+_logger = logging.getLogger(__name__)
+
+
+class TrainingError(GateifyError):
+    """Training cannot go on (e.g. the loss became NaN); the message says what is kept and what to try."""
+
+
+@dataclass
+class TrainConfig:
+    """One training phase. ``lr`` decays with a per-step cosine to 0 over ``epochs``."""
+
+    epochs: int
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    grad_clip: float = 5.0
+    label_smoothing: float = 0.0
+    distill_weight: float = 0.0
+    distill_temperature: float = 2.0
+    controller_lr_mult: float = 10.0
+    warmup_epochs: float = 0.0
+    amp: bool = False
+    seed: int = 0
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's KL(teacher || student) at ``temperature``, scaled by T^2 so its gradients match CE's scale."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD; no weight decay on 1-D parameters (BatchNorm, biases); gate controllers at ``controller_lr_mult`` x lr."""
+    controller = {id(p) for g in gates(getattr(model, "module", model)).values() for p in g.parameters()}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault((id(p) in controller, p.ndim <= 1), []).append(p)
+    params = [{"params": ps, "lr": cfg.lr * (cfg.controller_lr_mult if ctrl else 1.0),
+               "weight_decay": 0.0 if flat else cfg.weight_decay} for (ctrl, flat), ps in sorted(groups.items())]
+    for group in params:
+        group["initial_lr"] = group["lr"]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, progress_epochs: float) -> None:
+    if progress_epochs < cfg.warmup_epochs:
+        scale = (progress_epochs + 1e-3) / cfg.warmup_epochs
+    else:
+        done = (progress_epochs - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+        scale = 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * scale
+
+
+class Checkpoint:
+    """Model + optimizer state + progress in one safetensors file (JSON metadata for the non-tensor parts)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def exists(self) -> bool:
+        return os.path.isfile(self.path)
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, info: dict[str, Any]) -> None:
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        state = optimizer.state_dict()
+        plain: dict[str, dict[str, Any]] = {}
+        for index, values in state["state"].items():
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{index}.{key}"] = value
+                else:
+                    plain.setdefault(str(index), {})[key] = value
+        meta = {"epoch": epoch, "info": info, "param_groups": state["param_groups"], "optimizer_plain": plain}
+        atomic_save(tensors, self.path, {"gateify_checkpoint": json.dumps(meta)})
+
+    def load(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> tuple[int, dict[str, Any]]:
+        """Restore in place; returns ``(epochs done, info)``."""
+        tensors, metadata = read_safetensors(self.path)
+        try:
+            meta = json.loads(metadata["gateify_checkpoint"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise TrainingError(f"'{self.path}' is not a gateify training checkpoint ({type(e).__name__}: {e}); "
+                                f"delete it to start over, or point --out at another folder.") from e
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        missing, unexpected = model.load_state_dict(model_state, strict=False)
+        if missing or unexpected:
+            raise TrainingError(f"checkpoint '{self.path}' does not fit this model (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]}): was it written with other --model/--dataset flags?")
+        if optimizer is not None:
+            state: dict[int, dict[str, Any]] = {}
+            for key, value in tensors.items():
+                if key.startswith("optimizer."):
+                    _, index, name = key.split(".", 2)
+                    state.setdefault(int(index), {})[name] = value
+            for index, values in meta["optimizer_plain"].items():
+                state.setdefault(int(index), {}).update(values)
+            optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        return int(meta["epoch"]), meta["info"]
+
+
+@dataclass
+class EvalResult:
+    """Accuracy and, for a gated model, each test sample's hard decision per block."""
+
+    accuracy: float
+    labels: torch.Tensor
+    predictions: torch.Tensor
+    decisions: Optional[torch.Tensor] = None  # (N, blocks) bool
+    blocks: list[str] = field(default_factory=list)
+
+    def keep_rate(self) -> dict[str, float]:
+        if self.decisions is None:
+            return {}
+        return dict(zip(self.blocks, self.decisions.float().mean(0).tolist()))
+
+    def minority_share(self) -> dict[str, float]:
+        """Per block, the fraction of samples whose decision differs from the block's majority decision.
+
+        0 everywhere means the gates collapsed into static depth pruning; per-sample routing shows as > 0.
+        """
+        if self.decisions is None:
+            return {}
+        rate = self.decisions.float().mean(0)
+        return dict(zip(self.blocks, torch.minimum(rate, 1 - rate).tolist()))
+
+    def keep_rate_per_class(self, num_classes: int) -> dict[str, list[float]]:
+        if self.decisions is None:
+            return {}
+        out = {}
+        for b, name in enumerate(self.blocks):
+            d = self.decisions[:, b].float()
+            out[name] = [float(d[self.labels == c].mean()) if (self.labels == c).any() else float("nan")
+                         for c in range(num_classes)]
+        return out
+
+    def majority(self) -> dict[str, bool]:
+        if self.decisions is None:
+            return {}
+        return dict(zip(self.blocks, (self.decisions.float().mean(0) >= 0.5).tolist()))
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, channels_last: bool = False) -> EvalResult:
+    """Accuracy in eval mode (hard gates for a gated model), with every sample's gate decisions."""
+    module = getattr(model, "module", model)
+    found = gates(module)
+    was_training = module.training
+    module.eval()
+    labels, preds, decisions = [], [], []
+    try:
+        with torch.no_grad():
+            for x, y in loader:
+                x = x.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                preds.append(module(x).argmax(1).cpu())
+                labels.append(y.cpu())
+                if found:
+                    decisions.append(torch.stack([g.last.gate.detach().bool().cpu() for g in found.values()], 1))
+    finally:
+        module.train(was_training)
+    labels_t, preds_t = torch.cat(labels), torch.cat(preds)
+    return EvalResult(float((labels_t == preds_t).float().mean()), labels_t, preds_t,
+                      torch.cat(decisions) if decisions else None, list(found))
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _finite_or_raise(loss: torch.Tensor, epoch: int, step: int, checkpoint: Optional[Checkpoint]) -> None:
+    if not torch.isfinite(loss.detach()).all():
+        kept = (f"the last good checkpoint is kept at '{checkpoint.path}'" if checkpoint is not None and
+                checkpoint.exists() else "no checkpoint had been written yet")
+        raise TrainingError(f"the loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}; {kept}. "
+                            f"Lower --lr, keep gradient clipping on, or check the data for NaN/inf values.")
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    regularizer: Optional[GateRegularizer] = None,
+    teacher: Optional[nn.Module] = None,
+    checkpoint: Optional[Checkpoint] = None,
+    resume: bool = False,
+    on_epoch_end: Optional[Callable[[int, dict[str, float]], dict[str, float]]] = None,
+    channels_last: bool = False,
+    progress_desc: str = "train",
+) -> list[dict[str, float]]:
+    """Train ``model`` for ``cfg.epochs`` epochs; returns one dict of statistics per epoch run here.
+
+    ``on_epoch_end(epoch, stats)`` may evaluate and return more statistics to log; it runs before the epoch's
+    checkpoint is written. With ``resume`` and an existing checkpoint, training restarts after its last epoch.
+    """
+    from tqdm import tqdm
+
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    if resume and checkpoint is not None and checkpoint.exists():
+        start, _ = checkpoint.load(getattr(model, "module", model), optimizer)
+        _logger.info("resumed from '%s' after epoch %d", checkpoint.path, start)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    autocast = dict(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                    enabled=cfg.amp)
+    steps = len(train_loader)
+    history: list[dict[str, float]] = []
+    if teacher is not None:
+        teacher.eval()
+    for epoch in range(start, cfg.epochs):
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # Gumbel noise and augmentation: same draws after a resume
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        model.train()
+        totals = {"loss": 0.0, "task": 0.0, "flops_term": 0.0, "consistency": 0.0, "flops_fraction": 0.0,
+                  "correct": 0.0, "seen": 0.0}
+        bar = tqdm(train_loader, desc=f"{progress_desc} {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not (_is_main() and sys.stderr.isatty()))
+        for step, (x, y) in enumerate(bar):
+            progress = (epoch + step / steps) / cfg.epochs
+            _set_lr(optimizer, cfg, epoch + step / steps)
+            if regularizer is not None:
+                regularizer.step(progress)
+            x = x.to(device, non_blocking=True,
+                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(**autocast):
+                logits = model(x)
+                task = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                if teacher is not None and cfg.distill_weight > 0:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
+                    task = task + cfg.distill_weight * distill_loss(logits.float(), teacher_logits.float(),
+                                                                    cfg.distill_temperature)
+            if regularizer is not None:
+                terms = regularizer(task.float())
+                loss = terms.total
+                totals["flops_term"] += float(terms.flops) * len(y)
+                totals["consistency"] += float(terms.consistency) * len(y)
+                totals["flops_fraction"] += float(terms.flops_fraction) * len(y)
+            else:
+                loss = task.float()
+            _finite_or_raise(loss, epoch, step, checkpoint)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            totals["loss"] += float(loss.detach()) * len(y)
+            totals["task"] += float(task.detach()) * len(y)
+            totals["correct"] += float((logits.argmax(1) == y).sum())
+            totals["seen"] += len(y)
+            bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}")
+        seen = totals.pop("seen")
+        stats = {"epoch": epoch + 1, "train_acc": totals.pop("correct") / seen,
+                 **{k: v / seen for k, v in totals.items()}}
+        if regularizer is None:
+            for key in ("flops_term", "consistency", "flops_fraction"):
+                stats.pop(key)
+        else:
+            stats.update(flops_weight=regularizer.flops_weight, tau=regularizer.schedule(progress)["tau"],
+                         noise=regularizer.schedule(progress)["noise"])
+        if dist.is_initialized():  # DDP syncs gradients, not BatchNorm statistics: take rank 0's everywhere
+            for buffer in getattr(model, "module", model).buffers():
+                dist.broadcast(buffer, 0)
+        if on_epoch_end is not None:
+            stats.update(on_epoch_end(epoch, stats))
+        if checkpoint is not None and _is_main():
+            checkpoint.save(getattr(model, "module", model), optimizer, epoch + 1, {"stats": stats})
+        if dist.is_initialized():
+            dist.barrier()
+        history.append(stats)
+        _logger.info("%s epoch %d/%d %s", progress_desc, epoch + 1, cfg.epochs,
+                     " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "epoch"))
+    return history
+

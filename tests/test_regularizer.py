@@ -1,0 +1,138 @@
+"""The gate regulariser: schedules, FLOPs term consistent with the accounting, gradients, CIR consistency."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gateify
+from gateify import GateRegularizer, RegularizerConfig
+from gateify.regularizer import PRESETS, config_with, ramp
+
+from conftest import mix_decisions
+
+
+def test_ramp_shapes():
+    assert ramp(0.05, 0.1, 0.4) == 0.0 and ramp(0.1, 0.1, 0.4) == 0.0
+    assert ramp(0.3, 0.1, 0.4, "linear") == pytest.approx(0.5)
+    assert ramp(0.3, 0.1, 0.4, "cosine") == pytest.approx(0.5)
+    assert ramp(0.2, 0.1, 0.4, "cosine") == pytest.approx((1 - math.cos(math.pi * 0.25)) / 2)
+    assert ramp(0.5, 0.1, 0.4) == 1.0 and ramp(0.9, 0.1, 0.4) == 1.0
+    assert ramp(0.3, 0.0, 0.0) == 1.0
+
+
+def test_presets_are_ordered_operating_points():
+    assert list(PRESETS) == ["aggressive", "balanced", "conservative"]
+    targets = [PRESETS[name].target for name in PRESETS]
+    assert targets == sorted(targets) and all(0 < t < 1 for t in targets)
+    assert config_with("balanced", target=0.65).target == 0.65
+    with pytest.raises(gateify.GateifyError, match="unknown regulariser fields"):
+        config_with("balanced", targte=0.65)
+    with pytest.raises(gateify.GateifyError, match="granularity"):
+        RegularizerConfig(granularity="layer")
+
+
+@pytest.fixture
+def setup(resnet20, cifar_batch):
+    gated = gateify.convert(resnet20)
+    report = gateify.flops(gated.eval(), cifar_batch)
+    return gated, report
+
+
+def test_schedule_values(setup):
+    gated, report = setup
+    cfg = RegularizerConfig(flops_weight=8.0, warmup=0.2, ramp=0.4, ramp_shape="linear", tau_start=1.0,
+                            tau_end=0.5, noise_start=1.0, noise_end=0.0, anneal=0.5)
+    reg = GateRegularizer(gated, report, cfg)
+    assert reg.schedule(0.1)["flops_weight"] == 0.0  # warm-up: no FLOPs pressure
+    assert reg.schedule(0.4)["flops_weight"] == pytest.approx(4.0)
+    assert reg.schedule(0.8)["flops_weight"] == pytest.approx(8.0)
+    assert reg.schedule(0.0)["tau"] == 1.0 and reg.schedule(0.5)["tau"] == pytest.approx(0.5)
+    assert reg.schedule(0.25)["noise"] == pytest.approx(0.5)  # cosine anneal, half way
+    assert reg.schedule(0.9)["noise"] == 0.0
+    values = reg.step(0.25)
+    assert all(g.noise == values["noise"] and g.tau == values["tau"] for g in gateify.gates(gated).values())
+
+
+def test_flops_fraction_matches_counted_flops(setup, cifar_batch):
+    """With no noise and BatchNorm in eval, the training decisions are the inference decisions: the regulariser's
+    FLOPs fraction must be what gateify.flops counts."""
+    gated, report = setup
+    mix_decisions(gated, cifar_batch)
+    reg = GateRegularizer(gated, report, "balanced")
+    gateify.set_mode(gated, "gumbel", noise=0.0)
+    gated(cifar_batch)
+    fraction = float(reg.flops_fraction().detach())
+    gateify.set_mode(gated, "hard")
+    counted = gateify.flops(gated, cifar_batch)
+    assert 0.3 < counted.executed_fraction < 0.9
+    assert fraction == pytest.approx(counted.executed_fraction, rel=1e-5)
+
+
+def test_flops_term_gradient_reaches_controllers_and_falls_with_keep(setup, cifar_batch):
+    gated, report = setup
+    reg = GateRegularizer(gated, report, config_with("balanced", target=0.5))
+    reg.step(1.0)
+    gated.train()
+    terms = reg(F.cross_entropy(gated(cifar_batch), torch.zeros(16, dtype=torch.long)))
+    terms.total.backward()
+    for gate in gateify.gates(gated).values():
+        assert gate.controller.fc2.bias.grad is not None and gate.controller.fc2.bias.grad.abs() > 0
+    high = float(terms.flops)
+    with torch.no_grad():  # every controller now keeps fewer samples
+        for gate in gateify.gates(gated).values():
+            gate.controller.fc2.bias.fill_(-0.5)
+    gateify.set_mode(gated, "gumbel", noise=0.0)
+    gated(cifar_batch)
+    low_fraction = float(reg.flops_fraction())
+    assert low_fraction < float(terms.flops_fraction)
+    assert float(reg.flops_loss()) < high
+
+
+def test_block_granularity_targets_every_block(setup, cifar_batch):
+    gated, report = setup
+    reg = GateRegularizer(gated, report, config_with("balanced", granularity="block"))
+    keep = reg.block_keep_target()
+    skippable = sum(b.branch_flops for b in report.blocks)
+    fixed = report.dense_flops - skippable + report.gate_flops
+    assert (fixed + keep * skippable) / report.dense_flops == pytest.approx(0.70)
+    reg.step(1.0)
+    gated.train()(cifar_batch)
+    rates = torch.tensor([float(g.last.gate.mean()) for g in gateify.gates(gated).values()])
+    assert float(reg.flops_loss()) == pytest.approx(20.0 * float(((rates - keep) ** 2).mean()), rel=1e-5)
+
+
+def test_consistency_targets_highest_cir(setup, cifar_batch):
+    gated, report = setup
+    reg = GateRegularizer(gated, report, "balanced")
+    gated.train()(cifar_batch)
+    gate = next(iter(gateify.gates(gated).values()))
+    record = gate.last
+    k = int(record.gate.sum())
+    expected = torch.zeros(16)
+    expected[record.cir.topk(k).indices] = 1.0
+    bce = [F.binary_cross_entropy(g.last.keep_prob.clamp(1e-6, 1 - 1e-6),
+                                  _topk_target(g.last)) for g in gateify.gates(gated).values()]
+    assert float(reg.consistency_loss()) == pytest.approx(float(torch.stack(bce).mean()), rel=1e-5)
+    assert torch.equal(_topk_target(record), expected)
+    reg.consistency_loss().backward()
+    assert gate.controller.fc2.bias.grad.abs() > 0
+
+
+def _topk_target(record):
+    target = torch.zeros_like(record.keep_prob)
+    k = int(round(float(record.gate.sum())))
+    if k:
+        target[record.cir.topk(k).indices] = 1.0
+    return target
+
+
+def test_refusals(resnet20, setup):
+    gated, report = setup
+    with pytest.raises(gateify.NotConvertedError):
+        GateRegularizer(resnet20, report)
+    with pytest.raises(gateify.GateifyError, match="unknown preset"):
+        GateRegularizer(gated, report, "fast")
+    with pytest.raises(gateify.GateifyError, match="gumbel"):
+        GateRegularizer(gated, report).flops_fraction()  # no forward pass yet
