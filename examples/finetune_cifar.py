@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 import gateify
 from gateify.data import DATASETS, DataSplits, load_dataset
 from gateify.regularizer import PRESETS, RegularizerConfig, config_with
+from gateify.static import seed_gates
 from gateify.training import Checkpoint, EvalResult, TrainConfig, evaluate, fit
 
 _logger = logging.getLogger("finetune")
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--init", default=None, help="dense weights (safetensors) to start from; skips dense training")
     model.add_argument("--gate", default="controller", choices=("controller", "cir"),
                        help="controller: decided from the block input (saves compute); cir: paper-faithful, needs F(x)")
+    model.add_argument("--gate-hidden", type=int, default=32, help="width of each gate's controller MLP")
     train = p.add_argument_group("training")
     train.add_argument("--dense-epochs", type=int, default=160, help="dense training epochs when no --init is given")
     train.add_argument("--dense-lr", type=float, default=0.1)
@@ -72,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="none: gated run; static: prune blocks statically to the preset's target and fine-tune "
                             "as long; dense: continue the dense model as long")
     train.add_argument("--static-criterion", default="loss", choices=("loss", "keep_rate"))
+    train.add_argument("--gate-init", default="keep", choices=("keep", "static"),
+                       help="keep: gates start keeping everyone; static: gates start at the static selection for "
+                            "the preset's target (the static baseline's depth) and learn per-sample deviations")
+    train.add_argument("--calibrate", action="store_true",
+                       help="after fine-tuning, set the hard threshold so executed FLOPs meet the preset's target on "
+                            "training images (gateify.calibrate; never on the test set)")
     train.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
     train.add_argument("--seed", type=int, default=0)
     run = p.add_argument_group("run")
@@ -183,7 +191,7 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
         model = copy.deepcopy(dense)
         costs, dense_flops, gate_flops = {}, 1.0, 0.0
     else:
-        model = gateify.convert(copy.deepcopy(dense), gate=args.gate,
+        model = gateify.convert(copy.deepcopy(dense), gate=args.gate, hidden=args.gate_hidden,
                                 example_input=next(iter(calib))[0][:2].to(device))
         report = gateify.flops(model.eval(), next(iter(calib))[0].to(device))
         costs = {b.name: b.branch_flops for b in report.blocks}
@@ -191,8 +199,12 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
         if kind == "gated":
             regularizer = gateify.GateRegularizer(model, report, preset)
             facts["regularizer"] = preset.to_dict()
+            if args.gate_init == "static":
+                start = gateify.select_blocks(model, calib, preset.target, criterion=args.static_criterion)
+                seed_gates(model, start)
+                facts["gate_init_blocks"] = start
         else:  # static: the blocks to remove are chosen on training data, for the same FLOPs target
-            keep = gateify.select_blocks(model, calib, preset.target, criterion=args.static_criterion)
+            keep = gateify.select_blocks(model, calib, preset.target, criterion=args.static_criterion, nearest=True)
             gateify.set_static(model, keep)
             gate_flops = 0.0
             facts["static_blocks"] = keep
@@ -215,6 +227,8 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
         checkpoint=Checkpoint(os.path.join(args.out, "checkpoint.safetensors")), resume=args.resume,
         on_epoch_end=after, channels_last=channels_last(args), progress_desc=kind)
     facts["finetune_seconds"] = time.perf_counter() - start
+    if kind == "gated" and args.calibrate:
+        facts["calibrated_threshold"] = gateify.calibrate(model, [x.to(device) for x, _ in calib], preset.target)
     return model.eval(), facts
 
 

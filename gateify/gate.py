@@ -85,13 +85,16 @@ class GateRecord(NamedTuple):
     that multiplied the branch (straight-through sample in ``"gumbel"``, a bool mask in ``"hard"``, 0/1 otherwise),
     ``cir`` the cosine
     incompatibility ratio where F(x) ran for the whole batch (``None`` in ``"hard"`` controller mode), ``mode`` the
-    mode that produced the record.
+    mode that produced the record, ``decision`` the noiseless decision hard mode would make (in ``"gumbel"``: with
+    a straight-through gradient of constant slope ``1 / (4 tau)`` in the logit; equal to ``gate`` in value when the
+    noise scale is 0).
     """
 
     keep_prob: Optional[torch.Tensor]
     gate: torch.Tensor
     cir: Optional[torch.Tensor]
     mode: str
+    decision: torch.Tensor
 
 
 def cosine_incompatibility(shortcut: torch.Tensor, branch: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -194,8 +197,12 @@ class ResidualGate(nn.Module):
         return self.branch.forward(*args)
 
     def keep_logit(self, x: torch.Tensor) -> torch.Tensor:
-        """Controller logit of keeping each sample, from the branch input ``x`` ``(B, C, ...)`` -> ``(B,)``."""
-        return self.controller(x)
+        """Controller logit of keeping each sample, from the branch input ``x`` ``(B, C, ...)`` -> ``(B,)``.
+
+        The input is detached: gate losses train the controller, never the features it reads (a FLOPs penalty
+        flowing into the backbone would warp its representations to move decisions).
+        """
+        return self.controller(x.detach())
 
     def _cir_logit(self, cir: torch.Tensor) -> torch.Tensor:
         return self.cir_scale * (cir - self.cir_offset)
@@ -206,10 +213,11 @@ class ResidualGate(nn.Module):
         return torch.log(t) - torch.log1p(-t)
 
     def _record(self, mode: str, keep_prob: Optional[torch.Tensor], gate: torch.Tensor,
-                cir: Optional[torch.Tensor]) -> None:
+                cir: Optional[torch.Tensor], decision: Optional[torch.Tensor] = None) -> None:
         if not torch.compiler.is_exporting():  # an exported program must not leave fake tensors on the module
             # plain attribute write: nn.Module.__setattr__ costs more than the rest of a gate at batch 1
-            object.__setattr__(self, "last", GateRecord(keep_prob, gate, cir, mode))
+            record = GateRecord(keep_prob, gate, cir, mode, gate if decision is None else decision)
+            object.__setattr__(self, "last", record)
 
     def forward(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
         mode = self.effective_mode
@@ -242,15 +250,20 @@ class ResidualGate(nn.Module):
         else:
             logit = self.keep_logit(inputs[self.ctrl_index])
         logit = logit - self._threshold_shift()
-        z = logit
+        # what hard mode would decide, for the FLOPs terms; its gradient is the sigmoid's slope at the threshold for
+        # every sample, so it never vanishes: a budget can still move a block that every sample skips (or keeps)
+        decision = (logit >= 0).to(logit.dtype) + (logit - logit.detach()) / (4 * self.tau)
+        g = self._straight_through(logit)
         if self.noise > 0:
             u = torch.rand_like(logit).clamp_(1e-6, 1 - 1e-6)
-            z = logit + self.noise * (torch.log(u) - torch.log1p(-u))  # logistic = difference of two Gumbels
-        soft = torch.sigmoid(z / self.tau)
-        hard = (z >= 0).to(soft.dtype)
-        g = hard + (soft - soft.detach())  # straight-through: forward exactly hard, backward soft
-        self._record("gumbel", torch.sigmoid(logit), g, cir.detach())
+            g = self._straight_through(logit + self.noise * (torch.log(u) - torch.log1p(-u)))  # logistic noise
+        self._record("gumbel", torch.sigmoid(logit), g, cir.detach(), decision)
         return shortcut + _per_sample(g, branch) * branch
+
+    def _straight_through(self, z: torch.Tensor) -> torch.Tensor:
+        """``1[z >= 0]`` in the forward pass, ``sigmoid(z / tau)``'s gradient in the backward pass."""
+        soft = torch.sigmoid(z / self.tau)
+        return (z >= 0).to(soft.dtype) + (soft - soft.detach())
 
     def _hard_cir(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
         # The decision needs F(x), so F ran for every sample already: this masks, it cannot save compute.

@@ -1,12 +1,15 @@
 """Loss terms of gated fine-tuning and their schedules; the three presets live here, as data.
 
-Per training step, with ``g[b, i]`` the gate value of block ``b`` for sample ``i`` (straight-through: the hard
-decision forward, the relaxed Gumbel-Softmax sample backward), ``c[b]`` block ``b``'s branch FLOPs per sample and
+Per training step, with ``g[b, i]`` the decision hard mode would make for sample ``i`` at block ``b``
+(straight-through: ``1[logit >= 0]`` forward, ``sigmoid(logit / tau)``'s gradient backward; the Gumbel noise only
+perturbs which branches the forward pass uses, so noise can never meet the budget on its own),
+``c[b]`` block ``b``'s branch FLOPs per sample and
 ``D`` the dense model's FLOPs per sample (all from :func:`gateify.flops`):
 
 * FLOPs fraction ``E = (D - sum_b c[b] + G + sum_b c[b] * mean_i g[b, i]) / D`` (``G``: the controllers' FLOPs),
   the executed FLOPs of this batch under the current decisions, as :func:`gateify.flops` would count them.
-  ``flops`` term: ``w(t) * (E - target)^2`` (``granularity="model"``), or the mean over blocks of
+  ``flops`` term: ``w(t) * (E - target)^2`` (``granularity="model"``; plus ``w(t) * mean_b relu(min_keep -
+  mean_i g[b, i])^2`` when ``min_keep`` > 0, so that no block is dropped for everyone), or the mean over blocks of
   ``w(t) * (mean_i g[b, i] - target_b)^2`` with every block's keep rate pulled to the one global keep rate that
   meets the target (``granularity="block"``: forces every block to route, see docs/method.md).
 * ``consistency`` term (CIR, self-supervised): for each block, the ``k`` samples of the batch with the highest
@@ -42,6 +45,9 @@ class RegularizerConfig:
         target: executed FLOPs as a fraction of dense that the FLOPs term pulls toward (gate overhead included).
         flops_weight: weight of the FLOPs term once ramped up.
         granularity: ``"model"`` (one term on the whole model's FLOPs) or ``"block"`` (every block's keep rate).
+        min_keep: with ``granularity="model"``, a floor on every block's keep rate (penalised below it with the
+            FLOPs weight): no block may be switched off for everyone, so the budget is met by routing, not by
+            static depth pruning. 0 disables it.
         warmup: fraction of training before the FLOPs weight starts to rise.
         ramp: fraction of training over which it rises to ``flops_weight``.
         ramp_shape: ``"linear"`` or ``"cosine"``.
@@ -54,6 +60,7 @@ class RegularizerConfig:
     target: float = 0.70
     flops_weight: float = 20.0
     granularity: str = "model"
+    min_keep: float = 0.0
     warmup: float = 0.0
     ramp: float = 0.3
     ramp_shape: str = "cosine"
@@ -68,6 +75,8 @@ class RegularizerConfig:
         problems = []
         if not 0.0 < self.target <= 1.5:
             problems.append(f"target={self.target} must be a FLOPs fraction in (0, 1.5]")
+        if not 0.0 <= self.min_keep < 1.0:
+            problems.append(f"min_keep={self.min_keep} must lie in [0, 1)")
         if self.granularity not in ("model", "block"):
             problems.append(f"granularity={self.granularity!r} must be 'model' or 'block'")
         if self.ramp_shape not in ("linear", "cosine"):
@@ -88,9 +97,9 @@ class RegularizerConfig:
 
 #: The named operating points; ``balanced`` is the default. Targets are executed FLOPs fractions.
 PRESETS: dict[str, RegularizerConfig] = {
-    "aggressive": RegularizerConfig(target=0.55),
-    "balanced": RegularizerConfig(target=0.70),
-    "conservative": RegularizerConfig(target=0.85),
+    "aggressive": RegularizerConfig(target=0.55, min_keep=0.25),
+    "balanced": RegularizerConfig(target=0.70, min_keep=0.25),
+    "conservative": RegularizerConfig(target=0.85, min_keep=0.25),
 }
 
 
@@ -191,16 +200,18 @@ class GateRegularizer:
     def flops_fraction(self) -> torch.Tensor:
         """Executed FLOPs fraction of the last batch, differentiable through the straight-through gates."""
         records = self._records()
-        keep = torch.stack([r.gate.float().mean() for r in records])
+        keep = torch.stack([r.decision.float().mean() for r in records])
         costs = self.costs.to(keep.device, keep.dtype)
         return (self.fixed_flops + (costs * keep).sum()) / self.dense_flops
 
     def flops_loss(self) -> torch.Tensor:
-        if self.config.granularity == "model":
-            return self.flops_weight * (self.flops_fraction() - self.config.target) ** 2
-        target = self.block_keep_target()
-        keep = torch.stack([r.gate.float().mean() for r in self._records()])
-        return self.flops_weight * ((keep - target) ** 2).mean()
+        keep = torch.stack([r.decision.float().mean() for r in self._records()])
+        if self.config.granularity == "block":
+            return self.flops_weight * ((keep - self.block_keep_target()) ** 2).mean()
+        loss = self.flops_weight * (self.flops_fraction() - self.config.target) ** 2
+        if self.config.min_keep > 0:
+            loss = loss + self.flops_weight * (F.relu(self.config.min_keep - keep) ** 2).mean()
+        return loss
 
     def consistency_loss(self) -> torch.Tensor:
         """BCE between keep probabilities and 'keep the k highest-CIR samples', k = how many each block keeps now."""
@@ -208,7 +219,7 @@ class GateRegularizer:
         for gate, record in zip(self.gates.values(), self._records()):
             if gate.config.gate == "cir" or record.cir is None:
                 continue  # a CIR gate's logit is a function of CIR already
-            k = int(round(float(record.gate.detach().float().sum())))
+            k = int(round(float(record.decision.detach().float().sum())))
             target = torch.zeros_like(record.keep_prob)
             if k > 0:
                 target[record.cir.topk(k).indices] = 1.0

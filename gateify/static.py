@@ -5,7 +5,8 @@ and no data-dependent shapes; :func:`gateify.to_static` turns it into a plain mo
 Which blocks to remove for a FLOPs target is chosen by :func:`select_blocks`:
 
 * ``criterion="loss"``: greedy; each step removes the block whose removal raises the cross-entropy on a
-  calibration loader least, until executed FLOPs are at or below the target (so within one block's cost of it).
+  calibration loader least, until executed FLOPs are at or below the target (so within one block's cost of it;
+  ``nearest=True`` keeps the last selection above the target instead when that one is closer).
 * ``criterion="keep_rate"``: for a trained gated model, remove the blocks its gates keep least often (hard mode on
   the loader), in that order, until the target is met.
 
@@ -24,7 +25,7 @@ from .accounting import flops
 from .conversion import gates
 from .errors import GateifyError, NotConvertedError
 
-__all__ = ["set_static", "select_blocks", "static_twin", "static_flops_fraction"]
+__all__ = ["set_static", "select_blocks", "static_twin", "static_flops_fraction", "seed_gates"]
 
 
 def _gates(model: nn.Module):
@@ -67,12 +68,14 @@ def _loss(model: nn.Module, batches: list, device: torch.device) -> float:
 
 
 def select_blocks(model: nn.Module, loader: Iterable, target: float, *, criterion: str = "loss",
-                  max_batches: Optional[int] = 8) -> dict[str, bool]:
+                  max_batches: Optional[int] = 8, nearest: bool = False) -> dict[str, bool]:
     """Which blocks to keep so that executed FLOPs are at most ``target`` x dense (see module doc).
 
     Args:
         loader: ``(images, labels)`` batches (training data, not the test set); max_batches: how many to use.
         criterion: ``"loss"`` or ``"keep_rate"``.
+        nearest: stop at whichever of the last two selections (just above / at or below the target) is closer to
+            it, instead of always at or below: for comparisons at equal FLOPs.
 
     Returns:
         ``{block: keep}``; the model's modes are left as they were.
@@ -100,7 +103,9 @@ def select_blocks(model: nn.Module, loader: Iterable, target: float, *, criterio
         if criterion == "keep_rate":
             rates = _keep_rates(model, batches, device)
             order = sorted(found, key=lambda name: rates[name])
+        previous = dict(keep)
         while static_flops_fraction(costs, dense, keep) > target:
+            previous = dict(keep)
             if criterion == "keep_rate":
                 victim = next(name for name in order if keep[name])
             else:
@@ -110,6 +115,9 @@ def select_blocks(model: nn.Module, loader: Iterable, target: float, *, criterio
                     trials[name] = _loss(model, batches, device)
                 victim = min(trials, key=trials.get)
             keep[victim] = False
+        if nearest and (abs(static_flops_fraction(costs, dense, previous) - target)
+                        < abs(static_flops_fraction(costs, dense, keep) - target)):
+            return previous
         return keep
     finally:
         for name, gate in found.items():
@@ -148,3 +156,23 @@ def static_twin(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
             gate.mode = modes[name]
         model.train(was_training)
     return {name: rate >= 0.5 for name, rate in rates.items()}
+
+
+def seed_gates(model: nn.Module, keep: Mapping[str, bool], confidence: float = 0.9) -> nn.Module:
+    """Start gated fine-tuning from a static selection: every controller outputs keep probability ``confidence``
+    for the blocks in ``keep`` and ``1 - confidence`` for the others, the same for every sample.
+
+    The gated model then begins as the static model (same depth, same FLOPs) and can only move away from it where
+    per-sample routing lowers the loss. The controller's input weights are untouched.
+    """
+    found = _gates(model)
+    if not 0.5 < confidence < 1.0:
+        raise GateifyError(f"confidence={confidence} must lie in (0.5, 1).")
+    unknown = set(keep) - set(found)
+    if unknown:
+        raise GateifyError(f"keep names unknown blocks {sorted(unknown)}; blocks are {list(found)}.")
+    logit = float(torch.logit(torch.tensor(confidence)))
+    with torch.no_grad():
+        for name, gate in found.items():
+            gate.controller.fc2.bias.fill_(logit if keep.get(name, True) else -logit)
+    return model

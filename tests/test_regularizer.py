@@ -55,9 +55,24 @@ def test_schedule_values(setup):
     assert all(g.noise == values["noise"] and g.tau == values["tau"] for g in gateify.gates(gated).values())
 
 
+def test_noise_perturbs_the_forward_pass_not_the_counted_decisions(setup, cifar_batch):
+    gated, _ = setup
+    mix_decisions(gated, cifar_batch)
+    first = next(iter(gateify.gates(gated).values()))
+    gateify.set_mode(gated.eval(), "hard")
+    with torch.no_grad():
+        gated(cifar_batch)
+    hard = first.last.gate.clone()
+    gateify.set_mode(gated, "gumbel", noise=2.0)
+    torch.manual_seed(0)
+    gated(cifar_batch)
+    assert torch.equal(first.last.decision.bool(), hard)  # what hard mode decides, whatever the noise
+    assert not torch.equal(first.last.gate.bool(), hard)  # while the noise did flip some samples' branch
+
+
 def test_flops_fraction_matches_counted_flops(setup, cifar_batch):
-    """With no noise and BatchNorm in eval, the training decisions are the inference decisions: the regulariser's
-    FLOPs fraction must be what gateify.flops counts."""
+    """Without noise and with BatchNorm in eval, the training decisions are the inference decisions: the
+    regulariser's FLOPs fraction must be what gateify.flops counts in hard mode."""
     gated, report = setup
     mix_decisions(gated, cifar_batch)
     reg = GateRegularizer(gated, report, "balanced")
@@ -72,7 +87,7 @@ def test_flops_fraction_matches_counted_flops(setup, cifar_batch):
 
 def test_flops_term_gradient_reaches_controllers_and_falls_with_keep(setup, cifar_batch):
     gated, report = setup
-    reg = GateRegularizer(gated, report, config_with("balanced", target=0.5))
+    reg = GateRegularizer(gated, report, config_with("balanced", target=0.5, min_keep=0.0))
     reg.step(1.0)
     gated.train()
     terms = reg(F.cross_entropy(gated(cifar_batch), torch.zeros(16, dtype=torch.long)))
@@ -99,7 +114,7 @@ def test_block_granularity_targets_every_block(setup, cifar_batch):
     assert (fixed + keep * skippable) / report.dense_flops == pytest.approx(0.70)
     reg.step(1.0)
     gated.train()(cifar_batch)
-    rates = torch.tensor([float(g.last.gate.mean()) for g in gateify.gates(gated).values()])
+    rates = torch.tensor([float(g.last.decision.mean()) for g in gateify.gates(gated).values()])
     assert float(reg.flops_loss()) == pytest.approx(20.0 * float(((rates - keep) ** 2).mean()), rel=1e-5)
 
 
@@ -109,7 +124,7 @@ def test_consistency_targets_highest_cir(setup, cifar_batch):
     gated.train()(cifar_batch)
     gate = next(iter(gateify.gates(gated).values()))
     record = gate.last
-    k = int(record.gate.sum())
+    k = int(record.decision.sum())
     expected = torch.zeros(16)
     expected[record.cir.topk(k).indices] = 1.0
     bce = [F.binary_cross_entropy(g.last.keep_prob.clamp(1e-6, 1 - 1e-6),
@@ -122,7 +137,7 @@ def test_consistency_targets_highest_cir(setup, cifar_batch):
 
 def _topk_target(record):
     target = torch.zeros_like(record.keep_prob)
-    k = int(round(float(record.gate.sum())))
+    k = int(round(float(record.decision.sum())))
     if k:
         target[record.cir.topk(k).indices] = 1.0
     return target
@@ -136,3 +151,20 @@ def test_refusals(resnet20, setup):
         GateRegularizer(gated, report, "fast")
     with pytest.raises(gateify.GateifyError, match="gumbel"):
         GateRegularizer(gated, report).flops_fraction()  # no forward pass yet
+
+
+def test_keep_floor_reopens_a_block_every_sample_skips(setup, cifar_batch):
+    """A block switched off for everyone is static pruning; the floor must be able to pull it back, so its
+    gradient may not vanish however far below the threshold the samples are (a sigmoid gradient would)."""
+    gated, report = setup
+    reg = GateRegularizer(gated, report, config_with("balanced", min_keep=0.25))
+    reg.step(1.0)
+    closed = gateify.gates(gated)["layer2.1"]
+    with torch.no_grad():
+        closed.controller.fc2.bias.fill_(-30.0)  # keep probability ~1e-13 for every sample
+    gated.train()(cifar_batch)
+    assert float(closed.last.decision.sum()) == 0
+    loss = reg.flops_loss()
+    assert float(loss) >= 20.0 * 0.25 ** 2 / 9  # this block alone is 0.25 under the floor
+    loss.backward()
+    assert float(closed.controller.fc2.bias.grad) < 0  # raising the logit lowers the loss: the block can reopen
