@@ -3,8 +3,8 @@
 A gated file holds every tensor of the model's state dict (base weights, controller parameters, BatchNorm
 buffers, calibrated thresholds, static decisions) and flat string metadata: the format version, the gateify
 version, the source architecture (timm or ``torchvision:`` name and its keyword arguments), the gate
-configuration and each gate's mode. Nothing is ever unpickled; loading checks keys and shapes before copying, so
-a mismatched file leaves the model untouched.
+configuration and each gate's mode, Gumbel temperature and noise scale. Nothing is ever unpickled; loading checks
+keys and shapes before copying, so a mismatched file leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, architecture: Optio
         "torch_version": torch.__version__,
         "architecture": json.dumps(arch),
         "gate_config": configs.pop() if configs else "null",
-        "gates": json.dumps({name: {"mode": g.mode} for name, g in found.items()}),
+        # tau and noise are plain attributes (set_mode changes them), not buffers: kept here
+        "gates": json.dumps({name: {"mode": g.mode, "tau": g.tau, "noise": g.noise} for name, g in found.items()}),
     }
     state = module.state_dict()
     storages: dict[tuple, str] = {}
@@ -83,29 +84,59 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, architecture: Optio
     atomic_save(state, os.fspath(path), metadata)
 
 
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
+
+
+def _diagnose(path: str, error: Exception) -> str:
+    """Why ``path`` is not safetensors, from its first bytes: pickle/zip (torch.save), truncated, or other."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        zipped = head[:4] == b"PK\x03\x04"  # torch.save's default: a zip archive holding a pickle
+        pickled = len(head) >= 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5)  # PROTO opcode, protocol 2-5
+        if zipped or pickled or path.endswith(_PICKLE_SUFFIXES):
+            return (f"'{path}' is a pickle-based PyTorch file (torch.save), not safetensors; gateify never unpickles "
+                    f"files. If you trust it, convert it once: safetensors.torch.save_file("
+                    f"torch.load(path, weights_only=True), 'weights.safetensors'), then use that file.")
+        if len(head) == 8:
+            header_len = int.from_bytes(head, "little")
+            if 8 + header_len <= size:
+                try:
+                    header = json.loads(f.read(header_len))
+                    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                    end = None
+                if end is not None and 8 + header_len + end > size:
+                    return (f"'{path}' is truncated: its header describes {8 + header_len + end} bytes but the file "
+                            f"has {size} (an interrupted copy or download?). Copy or write it again.")
+            elif header_len < 100_000_000 and f.read(1) == b"{":  # a JSON header, cut short
+                return (f"'{path}' is truncated inside its header ({size} bytes; the header alone is {header_len}). "
+                        f"Copy or write it again.")
+    return (f"'{path}' is not a readable safetensors file: it is truncated, corrupt or of another format "
+            f"({type(error).__name__}: {error}).")
+
+
 def read_safetensors(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file; pickle files and damaged files are refused with the fix."""
+    """Tensors and metadata of a safetensors file; pickle files and damaged files are refused with the fix.
+
+    Nothing is unpickled: the file is parsed by ``safetensors`` only, and a failure is diagnosed from its bytes.
+    """
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise WeightsFileError(f"no file at '{path}' (working directory: '{os.getcwd()}').")
     if not os.path.isfile(path):
-        raise WeightsFileError(f"no file at '{path}'.")
-    if path.endswith((".pt", ".pth", ".bin", ".ckpt", ".pkl")):
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
-            raise WeightsFileError(
-                f"'{path}' is a pickle-based PyTorch file; gateify never unpickles files. If you trust it, convert "
-                f"it once: safetensors.torch.save_file(torch.load(p, weights_only=True), 'weights.safetensors').")
+        raise WeightsFileError(f"'{path}' is a directory, not a safetensors file.")
     try:
         with safe_open(path, "pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise WeightsFileError(f"'{path}' is not a readable safetensors file: it is truncated, corrupt or of "
-                               f"another format ({type(e).__name__}: {e}).") from e
+        raise WeightsFileError(_diagnose(path, e)) from e
     return tensors, metadata
 
 
-def _check_fits(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str, *, ignore_missing: str = "") -> None:
+def _check_fits(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str, *, ignore_missing: str = "",
+                hint: str = "") -> None:
     """Raise before anything is copied if keys or shapes differ (``ignore_missing``: a key fragment allowed absent)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors and not (ignore_missing and ignore_missing in k)]
@@ -114,14 +145,43 @@ def _check_fits(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str
               for k, t in tensors.items() if k in expected and tuple(t.shape) != tuple(expected[k].shape)]
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
+        problems.append(f"the file lacks {len(missing)} keys the model has (missing, e.g. {missing[:3]})")
     if unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
+        problems.append(f"the file has {len(unexpected)} keys the model lacks (unexpected, e.g. {unexpected[:3]})")
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:2]})")
     if problems:
-        raise WeightsFileError(f"'{path}' does not fit this model: " + "; ".join(problems) +
-                               ". Was it saved from another architecture or with other num_classes/in_chans?")
+        raise WeightsFileError(f"'{path}' does not fit this model: " + "; ".join(problems) + ". " + (
+            hint or "Was it saved from another architecture or with other num_classes/in_chans?"))
+
+
+def _describe(arch: Optional[Mapping[str, Any]]) -> str:
+    if not arch:
+        return "an unrecorded architecture"
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in sorted(arch.get("kwargs", {}).items()))
+    return f"'{arch['name']}'" + (f" ({kwargs})" if kwargs else "")
+
+
+def _parse_metadata(path: str, metadata: Mapping[str, str]) -> tuple[int, Optional[dict], Optional[dict], dict]:
+    """``(format version, architecture, gate config, {gate: {"mode", ...}})`` from a file's header, checked."""
+    try:
+        version = int(metadata[_FORMAT_KEY])
+        arch = json.loads(metadata.get("architecture", "null"))
+        config = json.loads(metadata.get("gate_config", "null"))
+        modes = json.loads(metadata.get("gates", "{}"))
+        if arch is not None and not (isinstance(arch, dict) and isinstance(arch.get("name"), str)
+                                     and isinstance(arch.get("kwargs", {}), dict)):
+            raise ValueError(f"architecture {arch!r} is not {{'name': str, 'kwargs': dict}}")
+        if config is not None and not isinstance(config, dict):
+            raise ValueError(f"gate_config {config!r} is not a dict")
+        if not (isinstance(modes, dict) and all(isinstance(m, dict) and "mode" in m for m in modes.values())):
+            raise ValueError(f"gates {modes!r} is not {{block: {{'mode': ...}}}}")
+    except (ValueError, TypeError) as e:
+        raise WeightsFileError(f"'{path}' has damaged gateify metadata ({e}); write it again with gateify.save.") from e
+    if version > FORMAT_VERSION:
+        raise WeightsFileError(f"'{path}' uses gateify file format {version}, newer than this gateify "
+                               f"({_version()}, format {FORMAT_VERSION}); upgrade gateify to read it.")
+    return version, arch, config, modes
 
 
 def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn.Module:
@@ -129,35 +189,40 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
 
     Args:
         model: ``None`` to rebuild the architecture recorded in the file (timm or torchvision name) and convert it
-            with the recorded gate configuration; or your own model, plain (it is converted with the recorded
-            configuration) or already converted. It is only modified once the file is known to fit.
+            with the recorded gate configuration; or your own model, plain (a converted copy is returned; the plain
+            model itself is not modified) or already converted (loaded in place and returned). Either way nothing
+            is modified unless the whole file fits.
+
+    Raises:
+        WeightsFileError: missing or damaged file, a pickle file, a newer file format, a file not written by
+            :func:`save` (use :func:`load_dense`), or a file that does not fit the model (keys, shapes, gates).
     """
     path = os.fspath(path)
     tensors, metadata = read_safetensors(path)
     if _FORMAT_KEY not in metadata:
         raise WeightsFileError(f"'{path}' was not written by gateify.save (no '{_FORMAT_KEY}' metadata). For dense "
                                f"weights of the source model use gateify.load_dense(model, '{path}').")
-    try:
-        version = int(metadata[_FORMAT_KEY])
-        arch = json.loads(metadata.get("architecture", "null"))
-        config = json.loads(metadata.get("gate_config", "null"))
-        modes = json.loads(metadata.get("gates", "{}"))
-    except (ValueError, TypeError) as e:
-        raise WeightsFileError(f"'{path}' has damaged gateify metadata ({e}).") from e
-    if version > FORMAT_VERSION:
-        raise WeightsFileError(f"'{path}' uses gateify file format {version}, newer than this gateify "
-                               f"({_version()}, format {FORMAT_VERSION}); upgrade gateify to read it.")
+    _, arch, config, modes = _parse_metadata(path, metadata)
     if model is None:
         if not arch:
             raise WeightsFileError(f"'{path}' does not record its architecture; pass the model: "
                                    f"gateify.load('{path}', model=<the source model>).")
-        model = create_model(arch["name"], **arch.get("kwargs", {}))
+        try:
+            model = create_model(arch["name"], **arch.get("kwargs", {}))
+        except (GateifyError, TypeError, ValueError, RuntimeError) as e:
+            raise WeightsFileError(f"'{path}' records architecture {_describe(arch)}, which this installation "
+                                   f"cannot build ({type(e).__name__}: {e}); build it yourself and pass it: "
+                                   f"gateify.load('{path}', model=...).") from e
     target = model
     if config is not None and not gates(model):
         target = convert(model, GateConfig.from_dict(config))
     if config is None and gates(model):
-        raise WeightsFileError(f"'{path}' holds a plain (ungated) model but the model passed is converted.")
-    _check_fits(target, tensors, path)
+        raise WeightsFileError(f"'{path}' holds a plain (ungated) model but the model passed is converted; pass "
+                               f"the plain source model, or load the file with gateify.load_dense.")
+    theirs = architecture_of(model)
+    hint = (f"The file was saved from {_describe(arch)}, the model passed is {_describe(theirs)}."
+            if arch and theirs and arch != theirs else "")
+    _check_fits(target, tensors, path, hint=hint)
     unknown = {m["mode"] for m in modes.values()} - set(MODES)
     if unknown or set(modes) != set(gates(target)):
         raise WeightsFileError(f"'{path}' lists gates {sorted(modes)} with modes {sorted(unknown) or 'ok'}, but the "
@@ -165,6 +230,8 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
     target.load_state_dict(tensors, strict=True)
     for name, gate in gates(target).items():
         gate.mode = modes[name]["mode"]
+        gate.tau = float(modes[name].get("tau", gate.tau))  # absent in files written before they were stored
+        gate.noise = float(modes[name].get("noise", gate.noise))
     return target
 
 
@@ -172,14 +239,17 @@ def load_dense(model: nn.Module, weights: Union[str, os.PathLike, Mapping[str, t
     """Load dense source weights (a timm/torchvision state dict, or a safetensors file of one) into ``model``.
 
     ``model`` may be the plain source model or its converted version: then only gate entries stay as they are.
-    Keys and shapes are checked first; on a mismatch nothing is copied.
+    Keys and shapes are checked first; on a mismatch nothing is copied. Returns ``model``.
     """
+    metadata: dict[str, str] = {}
     if isinstance(weights, Mapping):
         tensors, where = dict(weights), "the state dict"
     else:
-        tensors, _ = read_safetensors(weights)
+        tensors, metadata = read_safetensors(weights)
         where = os.fspath(weights)
     tensors = {k: v for k, v in tensors.items() if ".gate." not in k} if gates(model) else tensors
-    _check_fits(model, tensors, where, ignore_missing=".gate.")
+    hint = (f"'{where}' was written by gateify.save: load it with gateify.load('{where}') instead."
+            if _FORMAT_KEY in metadata and not gates(model) else "")
+    _check_fits(model, tensors, where, ignore_missing=".gate.", hint=hint)
     model.load_state_dict(tensors, strict=False)
     return model

@@ -1,0 +1,150 @@
+"""torch.export of hard-gated models (data-dependent skipping kept as torch.cond) and of to_static models; ONNX
+when onnx, onnxscript and onnxruntime are installed (they are not gateify dependencies)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gateify
+
+from conftest import mix_decisions, perturb_batchnorm
+
+BATCH = torch.export.Dim("batch", min=1, max=512)
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small batches gain nothing from threads; on a busy 2-core machine OpenMP spin-waiting costs up to 50x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def batch(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def gated() -> nn.Module:
+    """resnet20 in hard mode whose controllers split a batch about half and half at every block."""
+    torch.manual_seed(0)
+    model = gateify.convert(perturb_batchnorm(gateify.create_model("resnet20"))).eval()
+    mix_decisions(model, batch(16, 1))
+    return gateify.set_mode(model, "hard")
+
+
+@pytest.fixture(scope="module")
+def exported(gated) -> torch.export.ExportedProgram:
+    return torch.export.export(gated, (batch(16, 1),), dynamic_shapes={"x": {0: BATCH}})
+
+
+def kept(model: nn.Module) -> torch.Tensor:
+    """``(gates, B)`` bool: which samples the last eager forward kept, per block."""
+    return torch.stack([g.last.gate for g in gateify.gates(model).values()])
+
+
+def assert_matches(program: nn.Module, eager: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        expected = eager(x)
+        got = program(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= TOL
+    return kept(eager)
+
+
+def test_graph_keeps_data_dependent_skipping(gated, exported):
+    conds = [n for n in exported.graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert len(conds) == len(gateify.gates(gated))  # one "anyone kept?" branch per gate: nothing baked in
+    # the sub-batch is gathered inside the cond's "kept" side only, so the main graph never syncs on nonzero
+    assert torch.ops.aten.nonzero.default not in {n.target for n in exported.graph.nodes}
+
+
+@pytest.mark.parametrize("n,seed", [(16, 1), (40, 2), (1, 3), (1, 4)])
+def test_matches_eager_hard_mode(gated, exported, n, seed):
+    decisions = assert_matches(exported.module(), gated, batch(n, seed))
+    if n > 1:
+        assert (decisions.any(1) & ~decisions.all(1)).all()  # every block split the batch: mixed decisions
+
+
+def test_single_samples_take_different_paths(gated, exported):
+    module = exported.module()
+    paths = {tuple(assert_matches(module, gated, batch(1, seed))[:, 0].tolist()) for seed in range(3, 9)}
+    assert len(paths) > 1  # the same exported program skips different blocks for different inputs
+
+
+def test_batch_where_every_sample_skips_a_block(gated, exported):
+    pool = batch(64, 5)
+    with torch.no_grad():
+        gated(pool)
+    decisions = kept(gated)
+    block = int(torch.argmin(decisions.sum(1)))
+    x = pool[~decisions[block]][:6]  # per-sample decisions do not depend on the rest of the batch
+    assert x.shape[0] == 6
+    after = assert_matches(exported.module(), gated, x)
+    assert not after[block].any()  # the cond's skip side ran for the whole batch
+
+
+@pytest.mark.parametrize("threshold,expect", [(0.0, True), (1.5, False)], ids=["all-keep", "all-skip"])
+def test_thresholds_stay_buffers_of_the_exported_program(gated, exported, threshold, expect):
+    module = copy.deepcopy(exported.module())  # its buffers share memory with the program's state dict
+    eager = copy.deepcopy(gated)
+    for name, buffer in module.named_buffers():
+        if name.endswith("gate.threshold"):
+            buffer.fill_(threshold)
+    gateify.set_mode(eager, "hard", threshold=threshold)
+    decisions = assert_matches(module, eager, batch(8, 6))
+    assert decisions.all() if expect else not decisions.any()
+
+
+@pytest.fixture(scope="module")
+def static(gated):
+    """A static selection: blocks 1, 4 and 7 removed for every sample."""
+    model = copy.deepcopy(gated)
+    names = list(gateify.gates(model))
+    gateify.set_static(model, {names[i]: False for i in (1, 4, 7)})
+    return model, gateify.to_static(model).eval()
+
+
+def test_to_static_exports_without_control_flow(static):
+    gated_static, plain = static
+    program = torch.export.export(plain, (batch(4, 1),), dynamic_shapes={"x": {0: BATCH}})
+    targets = {n.target for n in program.graph.nodes}
+    assert torch.ops.higher_order.cond not in targets and torch.ops.aten.nonzero.default not in targets
+    convolutions = sum(n.target is torch.ops.aten.conv2d.default for n in program.graph.nodes)
+    assert convolutions == 1 + 2 * (9 - 3)  # the stem and 6 kept blocks of two (shortcuts are pad, not conv)
+    for n, seed in [(1, 2), (33, 3)]:
+        assert_matches(program.module(), gated_static, batch(n, seed))
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")),
+                    reason="ONNX export needs onnx, onnxscript and onnxruntime (not gateify dependencies)")
+@pytest.mark.parametrize("which", ["static", "hard"])
+def test_onnx_dynamo_export_runs_in_onnxruntime(which, gated, exported, static, tmp_path):
+    import onnx
+    import onnxruntime
+
+    eager = static[0] if which == "static" else gated
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if which == "static":
+            program = torch.onnx.export(static[1], (batch(4, 1),), dynamic_shapes={"x": {0: BATCH}}, dynamo=True,
+                                        verbose=False)
+        else:  # from the exported program: no second trace
+            program = torch.onnx.export(exported, dynamo=True, verbose=False)
+    program.save(str(tmp_path / "model.onnx"))
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+    assert ("If" in ops) == (which == "hard")  # torch.cond became ONNX If: still per-sample skipping
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for n, seed in [(1, 3), (1, 4), (24, 5)]:
+        x = batch(n, seed)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        with torch.no_grad():
+            assert (got - eager(x)).abs().max() <= 1e-4  # another runtime's kernels: float32 rounding differs
