@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(PY) examples/convert_models.py
+	$(PY) examples/finetune_cifar.py --dataset digits --dense-epochs 15 --epochs 15 --workers 0 --out runs/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

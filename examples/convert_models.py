@@ -1,4 +1,4 @@
-"""Convert ResNets with gateify and print their gated blocks.
+"""Convert ResNets with gateify and print their gated blocks with each branch's cost.
 
     python examples/convert_models.py                      # resnet20 (CIFAR) and resnet50 (timm, ImageNet)
     python examples/convert_models.py --models resnet18 torchvision:resnet34
@@ -9,17 +9,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import timm
 import torch
-import torchvision
 
 import gateify
-
-
-def create(name: str) -> torch.nn.Module:
-    if name.startswith("torchvision:"):
-        return getattr(torchvision.models, name.split(":", 1)[1])()
-    return timm.create_model(name)
 
 
 def main() -> None:
@@ -28,18 +20,20 @@ def main() -> None:
                         help="timm names, or torchvision:NAME")
     args = parser.parse_args()
     for name in args.models:
-        model = create(name).eval()
+        model = gateify.create_model(name).eval()
         start = time.perf_counter()
-        gated = gateify.convert(model)
+        gated = gateify.convert(model).eval()
         seconds = time.perf_counter() - start
-        gates = gateify.gates(gated)
-        print(f"\n{name}: {len(gates)} gated residual blocks (converted in {seconds:.2f} s)")
-        print(f"{'block':<28} {'block class':<22} {'controller in':>13} {'block params':>14}")
-        for block_name, gate in gates.items():
-            block = gated.get_submodule(block_name)
-            block_params = sum(p.numel() for n, p in block.named_parameters() if not n.startswith("gate"))
-            print(f"{block_name:<28} {type(block).__name__:<22} {gate.controller.fc1.in_features:>13} "
-                  f"{block_params:>14,}")
+        size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+        report = gateify.flops(gated, torch.randn(1, *size))
+        print(f"\n{name}: {len(report.blocks)} gated residual blocks, converted in {seconds:.2f} s; "
+              f"dense {report.dense_macs / 1e6:.1f}M MACs per {'x'.join(map(str, size))} image")
+        print(f"{'block':<24}{'block class':<22}{'controller in':>14}{'branch MMACs':>14}{'share':>8}")
+        for block in report.blocks:
+            gate = gateify.gates(gated)[block.name]
+            cls = gated.get_submodule(block.name).meta.get("gateify_block_class", "?")
+            print(f"{block.name:<24}{cls:<22}{gate.controller.fc1.in_features:>14}"
+                  f"{block.branch_flops / 2 / 1e6:>14.2f}{100 * block.branch_flops / report.dense_flops:>7.1f}%")
 
 
 if __name__ == "__main__":

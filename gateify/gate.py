@@ -235,6 +235,9 @@ class ResidualGate(nn.Module):
         raise GateConfigError(f"gate mode {self.mode!r} is not one of {MODES}; use gateify.set_mode.")
 
     def _static(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            raise GateConfigError("a gated model in 'static' mode cannot be exported: its decisions live in buffers. "
+                                  "Export gateify.to_static(model) instead: the same computation, no gates.")
         keep = bool(self.static_keep)
         ones = shortcut.new_full((shortcut.shape[0],), float(keep))
         self._record("static", None, ones, None)
@@ -275,6 +278,10 @@ class ResidualGate(nn.Module):
         return shortcut + _per_sample(keep, branch) * branch
 
     def _hard(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
+        if torch.jit.is_tracing():  # a trace would bake the example's decisions in and be silently wrong
+            raise GateConfigError("hard gates make data-dependent decisions that torch.jit.trace and the legacy ONNX "
+                                  "exporter freeze to the example input. Use torch.export.export / "
+                                  "torch.onnx.export(..., dynamo=True), or export gateify.to_static(model).")
         x = inputs[self.ctrl_index]
         p = torch.sigmoid(self.keep_logit(x))
         keep = p >= self.threshold  # p lies in [0, 1]: threshold 0 keeps all, > 1 skips all

@@ -148,3 +148,16 @@ def test_onnx_dynamo_export_runs_in_onnxruntime(which, gated, exported, static, 
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
         with torch.no_grad():
             assert (got - eager(x)).abs().max() <= 1e-4  # another runtime's kernels: float32 rounding differs
+
+
+def test_tracing_hard_gates_is_refused_not_silently_frozen(gated):
+    """torch.jit.trace (and the legacy ONNX exporter built on it) would freeze the example's decisions."""
+    x = batch(2, 0)
+    with pytest.raises(gateify.GateifyError, match="dynamo=True"):
+        torch.jit.trace(gated, (x,))
+
+
+def test_exporting_static_mode_points_to_to_static(static):
+    gated_static, _ = static
+    with pytest.raises(gateify.GateifyError, match="to_static"):
+        torch.export.export(gated_static, (batch(2, 0),))
