@@ -146,6 +146,14 @@ def run_case(name: str, size: int, batch: int, args: argparse.Namespace, device:
         latency = timed({key: (lambda m=m: m(x)) for key, m in models.items()}, device, args.warmup,
                         args.repeats if batch > 1 else args.repeats * 4)  # small runs are noisier
 
+    if args.profile:  # where the time of the gated forward goes, next to the dense one
+        from torch.profiler import ProfilerActivity, profile
+
+        for key in (("dense", 1.0), ("skip", 0.5)):
+            with torch.inference_mode(), autocast, profile(activities=[ProfilerActivity.CPU]) as prof:
+                models[key](x)
+            print(f"\n{name} {size}^2 batch {batch}, {key[0]} keep {key[1]}: ops by self CPU time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
     dense_ms, dense_macs = latency[("dense", 1.0)], reports[("dense", 1.0)].dense_macs
     rows = []
     for (variant, keep), ms in latency.items():
@@ -192,6 +200,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--cases", nargs="*", default=None, help="MODEL:SIZE:BATCH, e.g. resnet20:32:128")
     parser.add_argument("--json", default=None, help="write the rows and the setup here")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler op tables (dense, skip 0.5)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's allocator as it is (by default it is told to reuse freed memory)")
     args = parser.parse_args()

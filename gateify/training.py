@@ -206,7 +206,7 @@ def _finite_or_raise(loss: torch.Tensor, epoch: int, step: int, checkpoint: Opti
     if not torch.isfinite(loss.detach()).all():
         kept = (f"the last good checkpoint is kept at '{checkpoint.path}'" if checkpoint is not None and
                 checkpoint.exists() else "no checkpoint had been written yet")
-        raise TrainingError(f"the loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}; {kept}. "
+        raise TrainingError(f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; {kept}. "
                             f"Lower --lr, keep gradient clipping on, or check the data for NaN/inf values.")
 
 

@@ -16,15 +16,6 @@ from gateify.cli import main
 from conftest import mix_decisions, perturb_batchnorm
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches gain nothing from threads; on a busy 2-core machine OpenMP spin-waiting costs up to 50x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def gated_file(resnet20, cifar_batch, tmp_path):
     """A gated resnet20 with mixed decisions, per-block thresholds and one block in static mode."""

@@ -19,15 +19,6 @@ BATCH = torch.export.Dim("batch", min=1, max=512)
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches gain nothing from threads; on a busy 2-core machine OpenMP spin-waiting costs up to 50x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def batch(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
@@ -150,6 +141,7 @@ def test_onnx_dynamo_export_runs_in_onnxruntime(which, gated, exported, static, 
             assert (got - eager(x)).abs().max() <= 1e-4  # another runtime's kernels: float32 rounding differs
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # torch's own deprecation notice, not ours
 def test_tracing_hard_gates_is_refused_not_silently_frozen(gated):
     """torch.jit.trace (and the legacy ONNX exporter built on it) would freeze the example's decisions."""
     x = batch(2, 0)

@@ -22,15 +22,6 @@ from conftest import mix_decisions, perturb_batchnorm
 CASES = [("resnet20", 32), ("resnet18", 64), ("torchvision:resnet18", 64)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches gain nothing from threads; on a busy 2-core machine OpenMP spin-waiting costs up to 50x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor and gate mode of ``model``, copied, to prove later that nothing changed."""
     return ({k: v.clone() for k, v in model.state_dict().items()},
