@@ -26,15 +26,14 @@ import ctypes
 import json
 import logging
 import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import timm
 import torch
 
 import gateify
+from gateify.accounting import measure_latency
 
 _logger = logging.getLogger("latency")
 
@@ -92,30 +91,6 @@ def force(gated: torch.nn.Module, logits: list[torch.Tensor], masked: bool) -> N
             del gate.forward
 
 
-def timed(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median milliseconds per call of each ``fn``, interleaved round-robin so that drift (clock, cache, other
-    load) hits every variant alike; CUDA events and synchronisation on a GPU."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize(device)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize(device)
-                times[key].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[key].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def run_case(name: str, size: int, batch: int, args: argparse.Namespace, device: torch.device) -> list[Row]:
     torch.manual_seed(0)
     model = timm.create_model(name, zero_init_last=False).eval()  # non-degenerate branches, as after training
@@ -143,7 +118,7 @@ def run_case(name: str, size: int, batch: int, args: argparse.Namespace, device:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16,
                               enabled=args.amp)
     with torch.inference_mode(), autocast:
-        latency = timed({key: (lambda m=m: m(x)) for key, m in models.items()}, device, args.warmup,
+        latency = measure_latency({key: (lambda m=m: m(x)) for key, m in models.items()}, device, args.warmup,
                         args.repeats if batch > 1 else args.repeats * 4)  # small runs are noisier
 
     if args.profile:  # where the time of the gated forward goes, next to the dense one

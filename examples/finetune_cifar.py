@@ -191,6 +191,7 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
         model = copy.deepcopy(dense)
         costs, dense_flops, gate_flops = {}, 1.0, 0.0
     else:
+        torch.manual_seed(args.seed)  # controller init must not depend on whether the dense phase ran in this process
         model = gateify.convert(copy.deepcopy(dense), gate=args.gate, hidden=args.gate_hidden,
                                 example_input=next(iter(calib))[0][:2].to(device))
         report = gateify.flops(model.eval(), next(iter(calib))[0].to(device))

@@ -10,9 +10,11 @@ real skipping are not counted by either unit.
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -21,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .conversion import gates
 from .errors import GateifyError, InputShapeError
 
-__all__ = ["BlockFlops", "FlopsReport", "flops", "calibrate"]
+__all__ = ["BlockFlops", "FlopsReport", "flops", "calibrate", "measure_latency"]
 
 Batches = Union[torch.Tensor, Iterable[Any]]
 
@@ -290,3 +292,27 @@ def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_bat
     finally:
         model.train(was_training)
     return threshold
+
+
+def measure_latency(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds per call of each ``fn`` after ``warmup`` calls, interleaved round-robin so that drift
+    (clock, cache, other load) hits every variant alike; CUDA events and synchronisation on a GPU."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize(device)
+                times[key].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[key].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -14,16 +14,15 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import textwrap
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .accounting import flops
+from .accounting import flops, measure_latency
 from .conversion import convert, gates, set_mode, to_dense
 from .errors import GateifyError
 from .gate import GATE_KINDS
@@ -174,11 +173,14 @@ def _load_gated_file(path: str) -> tuple[nn.Module, dict[str, str]]:
 
 
 def _info(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
     model, metadata = _load_gated_file(args.file)
+    seconds = time.perf_counter() - start
     arch = architecture_of(model)
     found = gates(model)
-    print(f"file          {args.file} ({os.path.getsize(args.file) / 2**20:.1f} MiB, gateify file format "
-          f"{metadata.get('gateify_format', '?')}, written by gateify {metadata.get('gateify_version', '?')})")
+    print(f"file          {args.file} ({os.path.getsize(args.file):,} bytes, gateify file format "
+          f"{metadata.get('gateify_format', '?')}, written by gateify {metadata.get('gateify_version', '?')}; "
+          f"loaded, rebuilt and converted in {1e3 * seconds:.0f} ms)")
     print(f"architecture  {json.dumps(arch) if arch else 'not recorded'}")
     if not found:
         print("gates         none: a plain (unconverted) model")
@@ -202,24 +204,6 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _timed(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median milliseconds per call, calls interleaved so that drift (clock, other load) hits both alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # kernels run asynchronously: wait for them before stopping the clock
-            times[key].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -235,7 +219,7 @@ def _bench(args: argparse.Namespace) -> int:
     x = _random_batch(model, args.batch_size, args.input_size, device)
     report = flops(gated, x)
     with torch.inference_mode():
-        ms = _timed({"dense": lambda: dense(x), "gated": lambda: gated(x)}, device, args.warmup, args.repeats)
+        ms = measure_latency({"dense": lambda: dense(x), "gated": lambda: gated(x)}, device, args.warmup, args.repeats)
     threads = f", torch threads: {torch.get_num_threads()}" if device.type == "cpu" else ""
     print(f"{'x'.join(map(str, x.shape))} random inputs on {device}{threads}, median of {args.repeats} calls:")
     print(f"  dense model        {ms['dense']:9.2f} ms")

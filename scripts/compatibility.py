@@ -102,7 +102,7 @@ def write(rows: list[Row], path: str, size: int, seconds: float) -> None:
         "# Compatibility",
         "",
         "Every ResNet-family model of timm and torchvision, converted by `gateify.convert` with random weights.",
-        f"A row passes when the number of gates equals the number of residual blocks and the converted model in",
+        "A row passes when the number of gates equals the number of residual blocks and the converted model in",
         f'`"dense"` mode matches the original (eval mode, float32) to max abs diff <= {TOLERANCE:g}.',
         "",
         f"**{passed} of {len(rows)} models pass.** "

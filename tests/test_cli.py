@@ -6,14 +6,13 @@ import subprocess
 import sys
 
 import pytest
-import timm
 import torch
 from safetensors.torch import save_file
 
 import gateify
 from gateify.cli import main
 
-from conftest import mix_decisions, perturb_batchnorm
+from conftest import mix_decisions
 
 
 @pytest.fixture
