@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import gateify
 from gateify.data import DATASETS, DataSplits, load_dataset
+from gateify.models import input_shape
 from gateify.regularizer import PRESETS, RegularizerConfig, config_with
 from gateify.static import seed_gates
 from gateify.training import Checkpoint, EvalResult, TrainConfig, evaluate, fit
@@ -140,6 +141,7 @@ def train_dense(model: torch.nn.Module, train: DataLoader, test: DataLoader, arg
     def after(epoch: int, stats: dict[str, float]) -> dict[str, float]:
         result = evaluate(model, test, device, channels_last=channels_last(args))
         log.append({"phase": "dense", **stats, "test_acc": result.accuracy, "flops_saved": 0.0})
+        write_log(log, args.out)
         return {"test_acc": result.accuracy}
 
     fit(wrapped, train, cfg, device, checkpoint=Checkpoint(os.path.join(args.out, "dense_checkpoint.safetensors")),
@@ -213,7 +215,9 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
                 for p in gate.parameters():
                     p.requires_grad_(False)
     model.train()
-    wrapped = DistributedDataParallel(model, find_unused_parameters=kind == "static") if world > 1 else model
+    # static mode leaves removed branches and controllers unused; a CIR gate never calls its controller
+    unused = kind == "static" or (kind == "gated" and args.gate == "cir")
+    wrapped = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, amp=args.amp, seed=args.seed + 1,
                       distill_weight=args.distill)
 
@@ -221,11 +225,12 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
         result = evaluate(model, test, device, channels_last=channels_last(args))
         saved = estimated_saved(result, costs, dense_flops, gate_flops) if costs else 0.0
         log.append({"phase": kind, **stats, "test_acc": result.accuracy, "flops_saved": saved})
+        write_log(log, args.out)
         return {"test_acc": result.accuracy, "flops_saved": saved}
 
     start = time.perf_counter()
     fit(wrapped, train, cfg, device, regularizer=regularizer, teacher=teacher,
-        checkpoint=Checkpoint(os.path.join(args.out, "checkpoint.safetensors")), resume=args.resume,
+        checkpoint=Checkpoint(os.path.join(args.out, f"checkpoint_{kind}.safetensors")), resume=args.resume,
         on_epoch_end=after, channels_last=channels_last(args), progress_desc=kind)
     facts["finetune_seconds"] = time.perf_counter() - start
     if kind == "gated" and args.calibrate:
@@ -279,9 +284,12 @@ def report(kind: str, model: torch.nn.Module, dense: torch.nn.Module, data: Data
     return metrics
 
 
-def write_log(log: list[dict[str, Any]], path: str) -> None:
+def write_log(log: list[dict[str, Any]], out: str) -> None:
+    """log.csv after every epoch (rank 0), so a killed run keeps what it logged."""
+    if not is_main():
+        return
     keys = list(dict.fromkeys(k for row in log for k in row))
-    with open(path, "w", newline="") as f:
+    with open(os.path.join(out, "log.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(log)
@@ -338,8 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kind = KINDS[args.baseline]
     size = args.input_size or (32 if args.dataset in ("cifar10", "digits") else None)
     if size is None:
-        size = int(gateify.create_model(args.model).pretrained_cfg.get("input_size", (3, 224, 224))[-1]) \
-            if not args.model.startswith("torchvision:") else 224
+        size = input_shape(gateify.create_model(args.model))[-1]
     data = load_dataset(args.dataset, args.data_dir, size, download=args.download)
     train, test, calib = loaders(data, args, world)
     model = gateify.create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans).to(device)
@@ -362,7 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if is_main():
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
-        write_log(log, log_path)
+        write_log(log, args.out)
         gateify.save(finetuned, os.path.join(args.out, f"{kind}.safetensors"))
         if not args.no_plots:
             plot(metrics, log, args.out)

@@ -24,7 +24,7 @@ from .models import create_model
 from .regularizer import PRESETS, GateRegularizer, LossTerms, RegularizerConfig
 from .static import select_blocks, set_static, static_twin
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "convert",

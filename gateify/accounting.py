@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .conversion import gates
+from .conversion import gates, restore_training_flags, training_flags
 from .errors import GateifyError, InputShapeError
 
 __all__ = ["BlockFlops", "FlopsReport", "flops", "calibrate", "measure_latency"]
@@ -196,12 +196,18 @@ def flops(model: nn.Module, inputs: Batches, *, max_batches: Optional[int] = Non
     Returns:
         A :class:`FlopsReport`. ``dense_flops`` is counted on the first batch with every gate open; executed
         FLOPs on every batch in the current mode, so skipped branches are not counted. Call ``model.eval()`` first
-        for the deterministic hard gates of inference.
+        for the deterministic hard gates of inference. Buffers (BatchNorm statistics) are left as they were.
     """
     batches = list(_limit(_as_batches(inputs), max_batches))
-    with _modes(model, "dense"):
-        dense = _Counter(model).run(batches[:1])
-    executed = _Counter(model).run(batches)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # train() BatchNorm would update statistics
+    try:
+        with _modes(model, "dense"):
+            dense = _Counter(model).run(batches[:1])
+        executed = _Counter(model).run(batches)
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
     n = executed.samples
     blocks = [
         BlockFlops(name, dense.branch[name] / dense.samples, executed.branch[name] / n,
@@ -245,7 +251,9 @@ def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_bat
     if not found:
         raise GateifyError("calibrate needs a converted model; call gateify.convert(model) first.")
     batches = list(_limit(_as_batches(inputs), max_batches))
-    was_training = model.training
+    flags = training_flags(model)
+    before = {name: g.threshold.clone() for name, g in found.items()}
+    done = False
     model.eval()
     try:
         with _modes(model, "hard"):
@@ -289,8 +297,12 @@ def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_bat
             for g in found.values():
                 g.threshold.fill_(best[1])
             threshold = float(next(iter(found.values())).threshold)  # as stored (float32)
+            done = True
     finally:
-        model.train(was_training)
+        restore_training_flags(model, flags)
+        if not done:  # a refusal or an interruption leaves the thresholds as they were
+            for name, g in found.items():
+                g.threshold.copy_(before[name])
     return threshold
 
 

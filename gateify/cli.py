@@ -22,12 +22,13 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ._version import __version__
 from .accounting import flops, measure_latency
 from .conversion import convert, gates, set_mode, to_dense
 from .errors import GateifyError
 from .gate import GATE_KINDS
 from .io import load, load_dense, read_safetensors, save
-from .models import architecture_of, create_model
+from .models import architecture_of, create_model, input_shape
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "model, inspect a gated file, time it against the dense model.",
         epilog="Run 'gateify COMMAND --help' for a command's options. Models are timm names (timm.list_models("
                "'resnet*'), plus gateify's CIFAR resnet20/32/44/56/110) or torchvision:<name>. Nothing is downloaded.")
-    parser.add_argument("--version", action="version", version=f"gateify {_version()}")
+    parser.add_argument("--version", action="version", version=f"gateify {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     c = commands.add_parser(
@@ -108,12 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def _is_file_argument(text: str) -> bool:
     return text.endswith(".safetensors") or os.path.isfile(text)
 
@@ -150,17 +145,8 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _input_shape(model: nn.Module, size: Optional[int]) -> tuple[int, int, int]:
-    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    channels = first.in_channels if first is not None else 3
-    if size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    return channels, size, size
-
-
 def _random_batch(model: nn.Module, n: int, size: Optional[int], device: torch.device) -> torch.Tensor:
-    return torch.randn(n, *_input_shape(model, size), generator=torch.Generator().manual_seed(0)).to(device)
+    return torch.randn(n, *input_shape(model, size), generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def _load_gated_file(path: str) -> tuple[nn.Module, dict[str, str]]:

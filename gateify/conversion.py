@@ -39,6 +39,7 @@ from .errors import (
     UntraceableModelError,
 )
 from .gate import MODES, GateConfig, ResidualGate
+from .models import input_shape
 
 __all__ = ["convert", "gates", "set_mode", "to_dense", "to_static", "GateifyTracer", "call_module"]
 
@@ -199,7 +200,7 @@ def _trace_block(block: nn.Module, path: str, leaf_types: Sequence[type], leaf_n
     A submodule whose forward branches on ``self.training`` (drop-path, DropBlock, EvoNorm) would otherwise be
     frozen into its eval behaviour. Returns the eval-mode graph. Raises ``_TraceFailure`` for the block itself.
     """
-    was_training = block.training
+    flags = training_flags(block)
     try:
         while True:
             graphs = []
@@ -221,7 +222,18 @@ def _trace_block(block: nn.Module, path: str, leaf_types: Sequence[type], leaf_n
             _logger.debug("treating %s as a leaf: it traces differently in train and eval", leaf)
             leaf_names.add(leaf)
     finally:
-        block.train(was_training)
+        restore_training_flags(block, flags)
+
+
+def training_flags(model: nn.Module) -> dict[nn.Module, bool]:
+    """Every module's own train/eval flag: ``model.train(b)`` would overwrite deliberately frozen BatchNorms."""
+    return {m: m.training for m in model.modules()}
+
+
+def restore_training_flags(model: nn.Module, flags: dict[nn.Module, bool]) -> None:
+    for m in model.modules():
+        if m in flags:
+            m.training = flags[m]
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
@@ -333,8 +345,31 @@ def _batched(node: fx.Node, batch: int) -> bool:
         n.op == "placeholder" for n in _ancestors(node))
 
 
+class _ValueRecorder(ShapeProp):
+    """Shape propagation that also keeps every node's value, to tell fresh tensors from aliases."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values[n] = out
+        return out
+
+
+def _owned(node: fx.Node, values: dict[fx.Node, Any]) -> bool:
+    """``node``'s tensor is read by nothing else and shares memory with no other value of the block, so an
+    addition may write into it. An ``nn.Identity`` shortcut returns the block input itself: not owned."""
+    if node.op == "placeholder" or len(node.users) != 1 or not isinstance(values.get(node), torch.Tensor):
+        return False
+    ptr = values[node].untyped_storage().data_ptr()
+    return not any(isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == ptr
+                   for n, v in values.items() if n is not node)
+
+
 def _gate_residual(gm: fx.GraphModule, add: fx.Node, shortcut: fx.Node, branch: fx.Node,
-                   config: GateConfig, block_path: str) -> ResidualGate:
+                   config: GateConfig, block_path: str, values: dict[fx.Node, Any]) -> ResidualGate:
     """Move the branch of ``add`` into a gate and replace ``add`` by the gate call, in place."""
     graph = gm.graph
     nodes = _branch_nodes(branch, shortcut, add)
@@ -384,7 +419,7 @@ def _gate_residual(gm: fx.GraphModule, add: fx.Node, shortcut: fx.Node, branch: 
 
     channels = _tensor_shape(inputs[ctrl_index])[1]
     gate = ResidualGate(branch_gm, channels, batched, config, ctrl_index)
-    gate.owns_shortcut = shortcut.op != "placeholder" and len(shortcut.users) == 1
+    gate.owns_shortcut = _owned(shortcut, values)
     name = _unique_attr(gm, "gate")
     gm.add_submodule(name, gate)
     with graph.inserting_before(add):
@@ -420,13 +455,10 @@ def _example_input(model: nn.Module, example_input: Optional[torch.Tensor]) -> t
     if example_input is not None:
         if example_input.shape[0] < _EXAMPLE_BATCH:  # batched tensors are told apart by their leading dim
             example_input = example_input.expand(_EXAMPLE_BATCH, *example_input.shape[1:])
-        return example_input[:_EXAMPLE_BATCH].to(device)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    in_chans = first_conv.in_channels if first_conv is not None else 3
+        floating = example_input.is_floating_point()
+        return example_input[:_EXAMPLE_BATCH].to(device=device, dtype=dtype if floating else None)
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(_EXAMPLE_BATCH, in_chans, *size, generator=generator).to(device=device, dtype=dtype)
+    return torch.randn(_EXAMPLE_BATCH, *input_shape(model), generator=generator).to(device=device, dtype=dtype)
 
 
 def _capture_block_inputs(model: nn.Module, paths: Sequence[str], x: torch.Tensor) -> dict[str, tuple]:
@@ -440,7 +472,7 @@ def _capture_block_inputs(model: nn.Module, paths: Sequence[str], x: torch.Tenso
                                    f"gates blocks called positionally. Pass leaf_modules=['{path}'] to skip it.")
             seen.setdefault(path, args)
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
-    was_training = model.training
+    flags = training_flags(model)
     try:
         model.eval()
         with torch.no_grad():
@@ -453,7 +485,7 @@ def _capture_block_inputs(model: nn.Module, paths: Sequence[str], x: torch.Tenso
             f"gateify runs the model once to learn block shapes: pass example_input=<a tensor the model accepts>."
         ) from e
     finally:
-        model.train(was_training)
+        restore_training_flags(model, flags)
         for h in handles:
             h.remove()
     return seen
@@ -528,14 +560,17 @@ def convert(
             continue
         gm = fx.GraphModule(block, block_graph, class_name=f"Gated{type(block).__name__}")
         gm.meta["gateify_block_class"] = type(block).__name__  # survives deepcopy, unlike the class name
+        flags = training_flags(gm)  # the block's own flags, per submodule (GraphModule shares the submodules)
         gm.eval()  # shape propagation must not touch BatchNorm running statistics
         with torch.no_grad():
-            ShapeProp(gm).propagate(*args)
-        gm.train(block.training)
+            recorder = _ValueRecorder(gm)
+            recorder.propagate(*args)
+        restore_training_flags(gm, flags)
+        gm.training = block.training
         _remove_dead_pure_nodes(gm.graph)
         residuals = [(n, *split) for n in list(gm.graph.nodes) if (split := _split_residual(n, gm)) is not None]
         for add, shortcut, branch in residuals:
-            gate_list.append(_gate_residual(gm, add, shortcut, branch, config, path))
+            gate_list.append(_gate_residual(gm, add, shortcut, branch, config, path, recorder.values))
         if residuals:
             gm.graph.lint()
             gm.recompile()
@@ -591,8 +626,8 @@ def _inline_block(gm: fx.GraphModule, keep: dict[str, bool]) -> fx.GraphModule:
                 out = graph.call_method("clone", (shortcut,))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
-    for n in reversed(list(graph.nodes)):  # module handles fetched for the gate and now unused
-        if n.op == "get_attr" and not n.users and isinstance(gm.get_submodule(n.target), nn.Module):
+    for n in reversed(list(graph.nodes)):  # modules and tensors fetched for the gate, now unused
+        if n.op == "get_attr" and not n.users:
             graph.erase_node(n)
     graph.lint()
     name = gm.meta.get("gateify_block_class", "Block")
@@ -611,8 +646,9 @@ def _replace_gated_blocks(model: nn.Module, keep: Callable[[str, ResidualGate], 
         path = next(p for p, m in work.named_modules() if m is gate)
         block, _, attr = path.rpartition(".")
         blocks.setdefault(block, {})[attr] = keep(name, gate)
-    for block, decisions in blocks.items():
-        work.set_submodule(block, _inline_block(work.get_submodule(block), decisions))
+    plain = {block: _inline_block(work.get_submodule(block), decisions) for block, decisions in blocks.items()}
+    for block, module in plain.items():  # all built first: a failure above leaves the model as it was
+        work.set_submodule(block, module)
     return work
 
 
@@ -643,7 +679,12 @@ def _no_residual_message(model: nn.Module) -> str:
 
 
 def gates(model: nn.Module) -> "OrderedDict[str, ResidualGate]":
-    """Block name -> its gate, in execution order. ``{}`` for a model that is not converted."""
+    """Block name -> its gate, in execution order. ``{}`` for a model that is not converted.
+
+    A DistributedDataParallel / DataParallel wrapper is looked through, so names are the same with or without it.
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, ResidualGate)]
     found.sort(key=lambda item: getattr(item[1], "index", 0))
     out: OrderedDict[str, ResidualGate] = OrderedDict()

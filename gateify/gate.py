@@ -249,10 +249,10 @@ class ResidualGate(nn.Module):
         branch = self._run_branch(*inputs, *params)
         cir = cosine_incompatibility(shortcut, branch)
         if self.config.gate == "cir":
-            logit = self._cir_logit(cir)
+            raw = self._cir_logit(cir)
         else:
-            logit = self.keep_logit(inputs[self.ctrl_index])
-        logit = logit - self._threshold_shift()
+            raw = self.keep_logit(inputs[self.ctrl_index])
+        logit = raw - self._threshold_shift()  # >= 0 exactly where hard mode keeps
         # what hard mode would decide, for the FLOPs terms; its gradient is the sigmoid's slope at the threshold for
         # every sample, so it never vanishes: a budget can still move a block that every sample skips (or keeps)
         decision = (logit >= 0).to(logit.dtype) + (logit - logit.detach()) / (4 * self.tau)
@@ -260,7 +260,7 @@ class ResidualGate(nn.Module):
         if self.noise > 0:
             u = torch.rand_like(logit).clamp_(1e-6, 1 - 1e-6)
             g = self._straight_through(logit + self.noise * (torch.log(u) - torch.log1p(-u)))  # logistic noise
-        self._record("gumbel", torch.sigmoid(logit), g, cir.detach(), decision)
+        self._record("gumbel", torch.sigmoid(raw), g, cir.detach(), decision)
         return shortcut + _per_sample(g, branch) * branch
 
     def _straight_through(self, z: torch.Tensor) -> torch.Tensor:
@@ -329,7 +329,8 @@ class ResidualGate(nn.Module):
             idx = keep.nonzero().squeeze(1)
             torch._check(idx.shape[0] > 0)  # true on this side of the cond; lets shape guards on F resolve
             sub = [t.index_select(0, idx) if b else t for t, b in zip(tensors, self.batched)]
-            return self._scatter(shortcut, idx, self._run_branch(*sub, *params))
+            # both sides of a cond must agree in dtype: keep the shortcut's, as skip_all does (matters under AMP)
+            return shortcut.index_add(0, idx, self._run_branch(*sub, *params).to(shortcut.dtype))
 
         def skip_all(shortcut: torch.Tensor, keep: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
             return shortcut.clone()

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .conversion import convert, gates
+from ._version import __version__
 from .errors import GateifyError
 from .gate import MODES, GateConfig
 from .models import architecture_of, create_model
@@ -44,12 +45,6 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
             os.remove(tmp)
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def save(model: nn.Module, path: Union[str, os.PathLike], *, architecture: Optional[Mapping[str, Any]] = None) -> None:
     """Write ``model`` (converted or plain) to ``path`` as safetensors, atomically.
 
@@ -66,7 +61,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, architecture: Optio
         raise WeightsFileError("gates with different configurations cannot be described by one file header.")
     metadata = {
         _FORMAT_KEY: str(FORMAT_VERSION),
-        "gateify_version": _version(),
+        "gateify_version": __version__,
         "torch_version": torch.__version__,
         "architecture": json.dumps(arch),
         "gate_config": configs.pop() if configs else "null",
@@ -180,11 +175,11 @@ def _parse_metadata(path: str, metadata: Mapping[str, str]) -> tuple[int, Option
         raise WeightsFileError(f"'{path}' has damaged gateify metadata ({e}); write it again with gateify.save.") from e
     if version > FORMAT_VERSION:
         raise WeightsFileError(f"'{path}' uses gateify file format {version}, newer than this gateify "
-                               f"({_version()}, format {FORMAT_VERSION}); upgrade gateify to read it.")
+                               f"({__version__}, format {FORMAT_VERSION}); upgrade gateify to read it.")
     return version, arch, config, modes
 
 
-def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn.Module:
+def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **convert_kwargs: Any) -> nn.Module:
     """Load a file written by :func:`save`; returns the model with every tensor and gate mode restored.
 
     Args:
@@ -192,6 +187,8 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
             with the recorded gate configuration; or your own model, plain (a converted copy is returned; the plain
             model itself is not modified) or already converted (loaded in place and returned). Either way nothing
             is modified unless the whole file fits.
+        convert_kwargs: passed to :func:`gateify.convert` when the model has to be converted (``example_input``,
+            ``leaf_modules``, ``autowrap_functions``), for models whose conversion needs them.
 
     Raises:
         WeightsFileError: missing or damaged file, a pickle file, a newer file format, a file not written by
@@ -215,7 +212,7 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> nn
                                    f"gateify.load('{path}', model=...).") from e
     target = model
     if config is not None and not gates(model):
-        target = convert(model, GateConfig.from_dict(config))
+        target = convert(model, GateConfig.from_dict(config), **convert_kwargs)
     if config is None and gates(model):
         raise WeightsFileError(f"'{path}' holds a plain (ungated) model but the model passed is converted; pass "
                                f"the plain source model, or load the file with gateify.load_dense.")

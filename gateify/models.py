@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import GateifyError
 
-__all__ = ["create_model", "architecture_of"]
+__all__ = ["create_model", "architecture_of", "input_shape"]
 
 TORCHVISION_PREFIX = "torchvision:"
 _ARCH_ATTR = "gateify_architecture"
@@ -56,12 +56,20 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return model
 
 
+def input_shape(model: nn.Module, size: int | None = None) -> tuple[int, int, int]:
+    """``(C, H, W)`` the model takes: the first convolution's input channels, and ``size`` or else the
+    ``pretrained_cfg`` input size timm records (224 for models without one)."""
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    channels = first_conv.in_channels if first_conv is not None else 3
+    if size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        return (channels, *tuple(int(s) for s in cfg.get("input_size", (3, 224, 224))[-2:]))
+    return channels, size, size
+
+
 def _io_kwargs(model: nn.Module) -> dict[str, int]:
     """num_classes and in_chans as built, so a rebuilt model has the same shapes."""
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    out: dict[str, int] = {}
-    if first_conv is not None:
-        out["in_chans"] = first_conv.in_channels
+    out: dict[str, int] = {"in_chans": input_shape(model)[0]}
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", None)
     if isinstance(classifier, nn.Linear):
         out["num_classes"] = classifier.out_features

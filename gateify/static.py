@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accounting import flops
-from .conversion import gates
+from .conversion import gates, restore_training_flags, training_flags
 from .errors import GateifyError, NotConvertedError
 
 __all__ = ["set_static", "select_blocks", "static_twin", "static_flops_fraction", "seed_gates"]
@@ -91,7 +91,7 @@ def select_blocks(model: nn.Module, loader: Iterable, target: float, *, criterio
     if not batches:
         raise GateifyError("select_blocks needs at least one (images, labels) batch.")
     before = {name: (g.mode, bool(g.static_keep)) for name, g in found.items()}
-    was_training = model.training
+    flags = training_flags(model)
     model.eval()
     device = next(model.parameters()).device
     try:
@@ -123,7 +123,7 @@ def select_blocks(model: nn.Module, loader: Iterable, target: float, *, criterio
         for name, gate in found.items():
             gate.mode, _ = before[name]
             gate.static_keep.fill_(before[name][1])
-        model.train(was_training)
+        restore_training_flags(model, flags)
 
 
 def _keep_rates(model: nn.Module, batches: list, device: torch.device) -> dict[str, float]:
@@ -147,14 +147,14 @@ def static_twin(model: nn.Module, loader: Iterable, *, max_batches: Optional[int
     found = _gates(model)
     batches = [b for i, b in enumerate(loader) if max_batches is None or i < max_batches]
     modes = {name: g.mode for name, g in found.items()}
-    was_training = model.training
+    flags = training_flags(model)
     model.eval()
     try:
         rates = _keep_rates(model, batches, next(model.parameters()).device)
     finally:
         for name, gate in found.items():
             gate.mode = modes[name]
-        model.train(was_training)
+        restore_training_flags(model, flags)
     return {name: rate >= 0.5 for name, rate in rates.items()}
 
 
@@ -162,8 +162,9 @@ def seed_gates(model: nn.Module, keep: Mapping[str, bool], confidence: float = 0
     """Start gated fine-tuning from a static selection: every controller outputs keep probability ``confidence``
     for the blocks in ``keep`` and ``1 - confidence`` for the others, the same for every sample.
 
-    The gated model then begins as the static model (same depth, same FLOPs) and can only move away from it where
-    per-sample routing lowers the loss. The controller's input weights are untouched.
+    The gated model then begins as the static model (same depth, same FLOPs, at the default threshold 0.5) and can
+    only move away from it where per-sample routing lowers the loss. The controller's output weights are zeroed so
+    that every sample starts with the same decision; its first layer is untouched.
     """
     found = _gates(model)
     if not 0.5 < confidence < 1.0:
@@ -174,5 +175,6 @@ def seed_gates(model: nn.Module, keep: Mapping[str, bool], confidence: float = 0
     logit = float(torch.logit(torch.tensor(confidence)))
     with torch.no_grad():
         for name, gate in found.items():
+            gate.controller.fc2.weight.zero_()  # the same logit for every sample; training makes it input-dependent
             gate.controller.fc2.bias.fill_(logit if keep.get(name, True) else -logit)
     return model

@@ -3,8 +3,10 @@
 Plain PyTorch users do not need it (see :class:`gateify.GateRegularizer`); the example scripts use it. It handles:
 SGD with per-step cosine decay, gradient clipping, knowledge distillation from a teacher, AMP and channels_last
 on CUDA, DistributedDataParallel models, a NaN/inf guard, and checkpoints written atomically every epoch as
-safetensors (model, optimizer state, progress: nothing is pickled), so a killed run resumes losing at most one
-epoch. Data order and Gumbel noise are seeded per epoch, so a resumed run repeats the uninterrupted one.
+safetensors (model, optimizer and gradient-scaler state, progress: nothing is pickled), so a killed run resumes
+losing at most one epoch. Data order and Gumbel noise are seeded per epoch, so with the data loaded in the main
+process (``num_workers=0``) a resumed run repeats the uninterrupted one exactly; worker processes draw their own
+augmentations.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .conversion import gates
+from .conversion import gates, restore_training_flags, training_flags
 from .errors import GateifyError
 from .io import atomic_save, read_safetensors
 from .regularizer import GateRegularizer
@@ -180,7 +182,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, chan
     """Accuracy in eval mode (hard gates for a gated model), with every sample's gate decisions."""
     module = getattr(model, "module", model)
     found = gates(module)
-    was_training = module.training
+    flags = training_flags(module)
     module.eval()
     labels, preds, decisions = [], [], []
     try:
@@ -192,7 +194,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, chan
                 if found:
                     decisions.append(torch.stack([g.last.gate.detach().bool().cpu() for g in found.values()], 1))
     finally:
-        module.train(was_training)
+        restore_training_flags(module, flags)
     labels_t, preds_t = torch.cat(labels), torch.cat(preds)
     return EvalResult(float((labels_t == preds_t).float().mean()), labels_t, preds_t,
                       torch.cat(decisions) if decisions else None, list(found))
@@ -233,10 +235,12 @@ def fit(
 
     optimizer = make_optimizer(model, cfg)
     start = 0
-    if resume and checkpoint is not None and checkpoint.exists():
-        start, _ = checkpoint.load(getattr(model, "module", model), optimizer)
-        _logger.info("resumed from '%s' after epoch %d", checkpoint.path, start)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    if resume and checkpoint is not None and checkpoint.exists():
+        start, info = checkpoint.load(getattr(model, "module", model), optimizer)
+        if info.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(info["scaler"])
+        _logger.info("resumed from '%s' after epoch %d", checkpoint.path, start)
     autocast = dict(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
                     enabled=cfg.amp)
     steps = len(train_loader)
@@ -305,7 +309,8 @@ def fit(
         if on_epoch_end is not None:
             stats.update(on_epoch_end(epoch, stats))
         if checkpoint is not None and _is_main():
-            checkpoint.save(getattr(model, "module", model), optimizer, epoch + 1, {"stats": stats})
+            checkpoint.save(getattr(model, "module", model), optimizer, epoch + 1,
+                            {"stats": stats, "scaler": scaler.state_dict()})
         if dist.is_initialized():
             dist.barrier()
         history.append(stats)

@@ -70,7 +70,18 @@ def test_calibrate_hits_target_on_fixed_batch(resnet20, target):
 
 
 def test_calibrate_refuses_unreachable_target(resnet20, cifar_batch):
+    gated = gateify.convert(resnet20)
+    gateify.set_mode(gated, "auto", threshold={"layer2.0": 0.3})
     with pytest.raises(gateify.GateifyError, match="out of reach"):
-        gateify.calibrate(gateify.convert(resnet20), cifar_batch, target=0.01)
+        gateify.calibrate(gated, cifar_batch, target=0.01)
+    # a refusal leaves the thresholds as they were
+    assert [float(g.threshold) for g in gateify.gates(gated).values()] == pytest.approx([0.5] * 3 + [0.3] + [0.5] * 5)
     with pytest.raises(gateify.GateifyError, match="convert"):
         gateify.calibrate(resnet20, cifar_batch)
+
+
+def test_counting_in_train_mode_leaves_batchnorm_statistics_alone(resnet20, cifar_batch):
+    gated = gateify.convert(resnet20).train()
+    before = {k: v.clone() for k, v in gated.state_dict().items()}
+    gateify.flops(gated, cifar_batch)
+    assert all(torch.equal(before[k], v) for k, v in gated.state_dict().items())

@@ -111,3 +111,37 @@ def test_refusals(resnet20):
         gateify.select_blocks(gated, labelled(), 0.01)
     with pytest.raises(gateify.NotConvertedError):
         gateify.set_static(resnet20, {})
+
+
+class LayerScaleBlock(torch.nn.Module):
+    """A branch that reads a parameter directly (layer scale), as in ConvNeXt-style blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.gamma = torch.nn.Parameter(torch.full((1, 8, 1, 1), 0.5))
+
+    def forward(self, x):
+        return x + self.gamma * self.conv(x)
+
+
+class LayerScaleNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b1, self.b2 = LayerScaleBlock(), LayerScaleBlock()
+
+    def forward(self, x):
+        return self.b2(self.b1(self.stem(x)))
+
+
+def test_to_static_and_to_dense_with_a_parameter_in_the_branch():
+    torch.manual_seed(0)
+    net, x = LayerScaleNet().eval(), torch.randn(2, 3, 8, 8)
+    gated = gateify.set_static(gateify.convert(net, example_input=x), {"b1": False}).eval()
+    plain = gateify.to_static(gated)
+    assert sorted(plain.state_dict()) == ["b2.conv.bias", "b2.conv.weight", "b2.gamma", "stem.bias", "stem.weight"]
+    dense = gateify.to_dense(gated)
+    with torch.no_grad():
+        assert torch.equal(plain(x), gated(x))
+        assert torch.equal(dense(x), net(x))
