@@ -2,7 +2,7 @@
 
 For each model (random weights, nothing downloaded): convert at a small input, count gates against the number of
 residual blocks (modules with a ``downsample`` or ``shortcut``), and compare the converted model in ``"dense"``
-mode with the original in eval mode (max abs difference, float32). Takes about an hour on 2 CPU cores.
+mode with the original in eval mode (max abs difference, float32). Takes about 5 minutes on 2 CPU cores.
 
     python scripts/compatibility.py --out docs/compatibility.md
     python scripts/compatibility.py --models 'resnet1*' --out /tmp/compat.md   # a subset
