@@ -94,15 +94,15 @@ def test_flops_term_gradient_reaches_controllers_and_falls_with_keep(setup, cifa
     terms.total.backward()
     for gate in gateify.gates(gated).values():
         assert gate.controller.fc2.bias.grad is not None and gate.controller.fc2.bias.grad.abs() > 0
-    high = float(terms.flops)
+    high = terms.flops.item()
     with torch.no_grad():  # every controller now keeps fewer samples
         for gate in gateify.gates(gated).values():
             gate.controller.fc2.bias.fill_(-0.5)
     gateify.set_mode(gated, "gumbel", noise=0.0)
     gated(cifar_batch)
-    low_fraction = float(reg.flops_fraction())
-    assert low_fraction < float(terms.flops_fraction)
-    assert float(reg.flops_loss()) < high
+    low_fraction = reg.flops_fraction().item()
+    assert low_fraction < terms.flops_fraction.item()
+    assert reg.flops_loss().item() < high
 
 
 def test_block_granularity_targets_every_block(setup, cifar_batch):
@@ -114,8 +114,8 @@ def test_block_granularity_targets_every_block(setup, cifar_batch):
     assert (fixed + keep * skippable) / report.dense_flops == pytest.approx(0.70)
     reg.step(1.0)
     gated.train()(cifar_batch)
-    rates = torch.tensor([float(g.last.decision.mean()) for g in gateify.gates(gated).values()])
-    assert float(reg.flops_loss()) == pytest.approx(20.0 * float(((rates - keep) ** 2).mean()), rel=1e-5)
+    rates = torch.tensor([g.last.decision.mean().item() for g in gateify.gates(gated).values()])
+    assert reg.flops_loss().item() == pytest.approx(20.0 * ((rates - keep) ** 2).mean().item(), rel=1e-5)
 
 
 def test_consistency_targets_highest_cir(setup, cifar_batch):
@@ -129,7 +129,7 @@ def test_consistency_targets_highest_cir(setup, cifar_batch):
     expected[record.cir.topk(k).indices] = 1.0
     bce = [F.binary_cross_entropy(g.last.keep_prob.clamp(1e-6, 1 - 1e-6),
                                   _topk_target(g.last)) for g in gateify.gates(gated).values()]
-    assert float(reg.consistency_loss()) == pytest.approx(float(torch.stack(bce).mean()), rel=1e-5)
+    assert reg.consistency_loss().item() == pytest.approx(torch.stack(bce).mean().item(), rel=1e-5)
     assert torch.equal(_topk_target(record), expected)
     reg.consistency_loss().backward()
     assert gate.controller.fc2.bias.grad.abs() > 0
@@ -137,7 +137,7 @@ def test_consistency_targets_highest_cir(setup, cifar_batch):
 
 def _topk_target(record):
     target = torch.zeros_like(record.keep_prob)
-    k = int(round(float(record.decision.sum())))
+    k = int(round(record.decision.sum().item()))
     if k:
         target[record.cir.topk(k).indices] = 1.0
     return target
@@ -163,8 +163,8 @@ def test_keep_floor_reopens_a_block_every_sample_skips(setup, cifar_batch):
     with torch.no_grad():
         closed.controller.fc2.bias.fill_(-30.0)  # keep probability ~1e-13 for every sample
     gated.train()(cifar_batch)
-    assert float(closed.last.decision.sum()) == 0
+    assert closed.last.decision.sum().item() == 0
     loss = reg.flops_loss()
-    assert float(loss) >= 20.0 * 0.25 ** 2 / 9  # this block alone is 0.25 under the floor
+    assert loss.item() >= 20.0 * 0.25 ** 2 / 9  # this block alone is 0.25 under the floor
     loss.backward()
     assert float(closed.controller.fc2.bias.grad) < 0  # raising the logit lowers the loss: the block can reopen
