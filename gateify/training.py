@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from .conversion import gates, restore_training_flags, training_flags
 from .errors import GateifyError
-from .io import atomic_save, read_safetensors
+from .io import _check_fits, atomic_save, read_safetensors
 from .regularizer import GateRegularizer
 
 __all__ = ["TrainConfig", "TrainingError", "Checkpoint", "EvalResult", "evaluate", "fit", "distill_loss",
@@ -121,10 +121,9 @@ class Checkpoint:
             raise TrainingError(f"'{self.path}' is not a gateify training checkpoint ({type(e).__name__}: {e}); "
                                 f"delete it to start over, or point --out at another folder.") from e
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        missing, unexpected = model.load_state_dict(model_state, strict=False)
-        if missing or unexpected:
-            raise TrainingError(f"checkpoint '{self.path}' does not fit this model (missing {missing[:3]}, "
-                                f"unexpected {unexpected[:3]}): was it written with other --model/--dataset flags?")
+        _check_fits(model, model_state, self.path, hint="Was it written with other --model/--dataset flags? Delete "
+                    "it to start over, or point --out at another folder.")  # before anything is copied
+        model.load_state_dict(model_state, strict=True)
         if optimizer is not None:
             state: dict[int, dict[str, Any]] = {}
             for key, value in tensors.items():

@@ -148,6 +148,18 @@ def test_corrupt_checkpoint_refused(tmp_path):
         Checkpoint(str(path)).load(gated_model())
 
 
+def test_checkpoint_of_another_model_refused_and_nothing_copied(tmp_path):
+    path = str(tmp_path / "ckpt.safetensors")
+    small = gated_model()
+    Checkpoint(path).save(small, torch.optim.SGD(small.parameters(), lr=0.1), 1, {})
+    torch.manual_seed(1)
+    other = gateify.convert(gateify.create_model("resnet32"))  # shares resnet20's first keys and shapes
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(gateify.GateifyError, match="does not fit this model.*--model/--dataset"):
+        Checkpoint(path).load(other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
 def test_ddp_two_cpu_processes_agree(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
