@@ -13,6 +13,7 @@ import math
 import statistics
 import time
 from contextlib import contextmanager
+from itertools import islice
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -198,7 +199,7 @@ def flops(model: nn.Module, inputs: Batches, *, max_batches: Optional[int] = Non
         FLOPs on every batch in the current mode, so skipped branches are not counted. Call ``model.eval()`` first
         for the deterministic hard gates of inference. Buffers (BatchNorm statistics) are left as they were.
     """
-    batches = list(_limit(_as_batches(inputs), max_batches))
+    batches = list(islice(_as_batches(inputs), max_batches))
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # train() BatchNorm would update statistics
     try:
         with _modes(model, "dense"):
@@ -224,11 +225,22 @@ def flops(model: nn.Module, inputs: Batches, *, max_batches: Optional[int] = Non
     )
 
 
-def _limit(batches: Iterator[torch.Tensor], max_batches: Optional[int]) -> Iterator[torch.Tensor]:
-    for i, x in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            return
-        yield x
+def _keep_rates(model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
+    """Per gated block, the fraction of samples its gate kept over ``batches`` (tensors or ``(x, y)`` pairs), in
+    the gates' current modes, without gradients."""
+    found = gates(model)
+    kept = dict.fromkeys(found, 0.0)
+    n = 0
+    device = _device(model)
+    with torch.no_grad():
+        for x in _as_batches(batches):
+            model(x.to(device))
+            n += x.shape[0]
+            for name, g in found.items():
+                kept[name] += float(g.last.gate.sum())
+    if not n:
+        raise InputShapeError("no input batch was given to count keep rates on.")
+    return {name: k / n for name, k in kept.items()}
 
 
 def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_batches: Optional[int] = None,
@@ -250,7 +262,7 @@ def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_bat
     found = gates(model)
     if not found:
         raise GateifyError("calibrate needs a converted model; call gateify.convert(model) first.")
-    batches = list(_limit(_as_batches(inputs), max_batches))
+    batches = list(islice(_as_batches(inputs), max_batches))
     flags = training_flags(model)
     before = {name: g.threshold.clone() for name, g in found.items()}
     done = False
@@ -260,19 +272,12 @@ def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_bat
             report = flops(model, batches)
             costs = {b.name: b.branch_flops for b in report.blocks}
             fixed = report.dense_flops - sum(costs.values()) + report.gate_flops
-            device = _device(model)
 
             def fraction(threshold: float) -> float:
                 for g in found.values():
                     g.threshold.fill_(threshold)
-                kept = dict.fromkeys(found, 0.0)
-                with torch.no_grad():
-                    for x in batches:
-                        model(x.to(device))
-                        for name, g in found.items():
-                            kept[name] += float(g.last.gate.sum())
-                n = sum(x.shape[0] for x in batches)
-                return (fixed + sum(costs[k] * kept[k] / n for k in found)) / report.dense_flops
+                rates = _keep_rates(model, batches)
+                return (fixed + sum(costs[k] * rates[k] for k in found)) / report.dense_flops
 
             low, high = fraction(0.0), fraction(1.0 + 1e-6)
             if not high <= target <= low:

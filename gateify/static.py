@@ -15,13 +15,14 @@ Which blocks to remove for a FLOPs target is chosen by :func:`select_blocks`:
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Iterable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .accounting import flops
+from .accounting import _device, _keep_rates, _modes, flops
 from .conversion import gates, restore_training_flags, training_flags
 from .errors import GateifyError, NotConvertedError
 
@@ -83,17 +84,13 @@ def select_blocks(model: nn.Module, loader: Iterable, target: float, *, criterio
     found = _gates(model)
     if criterion not in ("loss", "keep_rate"):
         raise GateifyError(f"criterion={criterion!r}; use 'loss' or 'keep_rate'.")
-    batches = []
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        batches.append(batch)
+    batches = list(islice(loader, max_batches))
     if not batches:
         raise GateifyError("select_blocks needs at least one (images, labels) batch.")
     before = {name: (g.mode, bool(g.static_keep)) for name, g in found.items()}
     flags = training_flags(model)
     model.eval()
-    device = next(model.parameters()).device
+    device = _device(model)
     try:
         costs, dense = _costs(model, [x for x, _ in batches])
         keep = {name: True for name in found}
@@ -101,7 +98,8 @@ def select_blocks(model: nn.Module, loader: Iterable, target: float, *, criterio
         if target < floor:
             raise GateifyError(f"target={target} is below {floor:.3f}, the FLOPs left with every block removed.")
         if criterion == "keep_rate":
-            rates = _keep_rates(model, batches, device)
+            with _modes(model, "hard"):
+                rates = _keep_rates(model, batches)
             order = sorted(found, key=lambda name: rates[name])
         previous = dict(keep)
         while static_flops_fraction(costs, dense, keep) > target:
@@ -126,34 +124,15 @@ def select_blocks(model: nn.Module, loader: Iterable, target: float, *, criterio
         restore_training_flags(model, flags)
 
 
-def _keep_rates(model: nn.Module, batches: list, device: torch.device) -> dict[str, float]:
-    found = gates(model)
-    kept = dict.fromkeys(found, 0.0)
-    n = 0
-    for gate in found.values():
-        gate.mode = "hard"
-    with torch.no_grad():
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device))
-            n += len(x)
-            for name, gate in found.items():
-                kept[name] += float(gate.last.gate.sum())
-    return {name: k / n for name, k in kept.items()}
-
-
 def static_twin(model: nn.Module, loader: Iterable, *, max_batches: Optional[int] = None) -> dict[str, bool]:
     """Each block's majority hard decision on ``loader``: keep it iff the gate keeps at least half the samples."""
-    found = _gates(model)
-    batches = [b for i, b in enumerate(loader) if max_batches is None or i < max_batches]
-    modes = {name: g.mode for name, g in found.items()}
+    _gates(model)
     flags = training_flags(model)
     model.eval()
     try:
-        rates = _keep_rates(model, batches, next(model.parameters()).device)
+        with _modes(model, "hard"):
+            rates = _keep_rates(model, islice(loader, max_batches))
     finally:
-        for name, gate in found.items():
-            gate.mode = modes[name]
         restore_training_flags(model, flags)
     return {name: rate >= 0.5 for name, rate in rates.items()}
 
