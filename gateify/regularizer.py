@@ -149,7 +149,7 @@ class GateRegularizer:
                 raise GateifyError(f"unknown preset {config!r}; use one of {sorted(PRESETS)} or a RegularizerConfig.")
             config = PRESETS[config]
         self.config = config
-        self.gates = gates(getattr(model, "module", model))
+        self.gates = gates(model)  # looks through DDP
         if not self.gates:
             raise NotConvertedError("GateRegularizer needs a converted model; call gateify.convert(model) first.")
         if isinstance(costs, FlopsReport):

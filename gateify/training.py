@@ -68,7 +68,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     """SGD; no weight decay on 1-D parameters (BatchNorm, biases); gate controllers at ``controller_lr_mult`` x lr."""
-    controller = {id(p) for g in gates(getattr(model, "module", model)).values() for p in g.parameters()}
+    controller = {id(p) for g in gates(model).values() for p in g.parameters()}  # gates() looks through DDP
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
