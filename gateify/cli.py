@@ -27,7 +27,7 @@ from .accounting import flops, measure_latency
 from .conversion import convert, gates, set_mode, to_dense
 from .errors import GateifyError
 from .gate import GATE_KINDS
-from .io import load, load_dense, read_safetensors, save
+from .io import load, load_dense, read_metadata, save
 from .models import architecture_of, create_model, input_shape
 
 __all__ = ["main", "build_parser", "UsageError"]
@@ -151,7 +151,7 @@ def _random_batch(model: nn.Module, n: int, size: Optional[int], device: torch.d
 
 def _load_gated_file(path: str) -> tuple[nn.Module, dict[str, str]]:
     """The model in a file written by gateify.save, in eval mode, and the file's metadata."""
-    _, metadata = read_safetensors(path)
+    metadata = read_metadata(path)  # the header only: load() reads the tensors
     if "gateify_format" not in metadata:
         raise UsageError(f"'{path}' holds weights not written by gateify (dense weights?); convert them first: "
                          f"gateify convert {path} --arch NAME --out gated.safetensors")

@@ -117,17 +117,26 @@ def read_safetensors(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Ten
     Nothing is unpickled: the file is parsed by ``safetensors`` only, and a failure is diagnosed from its bytes.
     """
     path = os.fspath(path)
+    metadata = read_metadata(path)
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise WeightsFileError(_diagnose(path, e)) from e
+    return tensors, metadata
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> dict[str, str]:
+    """The metadata of a safetensors file, from its header alone; refusals as :func:`read_safetensors`."""
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise WeightsFileError(f"no file at '{path}' (working directory: '{os.getcwd()}').")
     if not os.path.isfile(path):
         raise WeightsFileError(f"'{path}' is a directory, not a safetensors file.")
     try:
         with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(path)
+            return f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise WeightsFileError(_diagnose(path, e)) from e
-    return tensors, metadata
 
 
 def _check_fits(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str, *, ignore_missing: str = "",
