@@ -33,7 +33,7 @@ import timm
 import torch
 
 import gateify
-from gateify.accounting import measure_latency
+from gateify.timing import measure_latency
 
 _logger = logging.getLogger("latency")
 
@@ -75,15 +75,15 @@ def forced_logits(num_gates: int, batch: int, keep: float, seed: int = 0) -> lis
 def force(gated: torch.nn.Module, logits: list[torch.Tensor], masked: bool) -> None:
     """Override each gate's decision (the controller still runs) and, if ``masked``, how the branch is applied."""
     for gate, forced in zip(gateify.gates(gated).values(), logits):
-        controller = gate.controller
+        real = type(gate.controller).forward.__get__(gate.controller)
 
-        def keep_logit(x: torch.Tensor, controller=controller, forced=forced) -> torch.Tensor:
-            return controller(x) * 0 + forced.to(x.device)
+        def logit(x: torch.Tensor, real=real, forced=forced) -> torch.Tensor:
+            return real(x) * 0 + forced.to(x.device)
 
-        gate.keep_logit = keep_logit
+        gate.controller.forward = logit  # the controller still runs (and is counted); its output is overridden
         if masked:
             def forward(shortcut, inputs, params, gate=gate):
-                keep = torch.sigmoid(gate.keep_logit(inputs[gate.ctrl_index])) >= gate.threshold
+                keep = torch.sigmoid(gate.controller(inputs[gate.ctrl_index])) >= gate.threshold
                 return shortcut + keep.view(-1, 1, 1, 1).to(shortcut.dtype) * gate.branch(*inputs, *params)
 
             gate.forward = forward

@@ -35,7 +35,7 @@ from gateify.data import DATASETS, DataSplits, load_dataset
 from gateify.models import input_shape
 from gateify.regularizer import PRESETS, RegularizerConfig, config_with
 from gateify.static import seed_gates
-from gateify.training import Checkpoint, EvalResult, TrainConfig, evaluate, fit
+from gateify.training import Checkpoint, TrainConfig, evaluate, fit
 
 _logger = logging.getLogger("finetune")
 
@@ -159,12 +159,6 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def estimated_saved(result: EvalResult, costs: dict[str, float], dense: float, gate_flops: float) -> float:
-    """FLOPs saved implied by the decisions (per-epoch logging; the final figure is counted by gateify.flops)."""
-    rates = result.keep_rate()
-    return (sum((1 - rates[name]) * c for name, c in costs.items()) - gate_flops) / dense
-
-
 def regularizer_config(args: argparse.Namespace) -> RegularizerConfig:
     """The preset with --target and --reg KEY=VALUE overrides (values parsed as JSON, else kept as strings)."""
     overrides: dict[str, Any] = {}
@@ -189,16 +183,15 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
     teacher = copy.deepcopy(dense).eval() if args.distill > 0 else None
     facts: dict[str, Any] = {}
     regularizer = None
+    costs: Optional[gateify.CostModel] = None
     if kind == "dense_continued":
         model = copy.deepcopy(dense)
-        costs, dense_flops, gate_flops = {}, 1.0, 0.0
     else:
         torch.manual_seed(args.seed)  # controller init must not depend on whether the dense phase ran in this process
         model = gateify.convert(copy.deepcopy(dense), gate=args.gate, hidden=args.gate_hidden,
                                 example_input=next(iter(calib))[0][:2].to(device))
-        report = gateify.flops(model.eval(), next(iter(calib))[0].to(device))
-        costs = {b.name: b.branch_flops for b in report.blocks}
-        dense_flops, gate_flops = report.dense_flops, report.gate_flops
+        report = gateify.flops(model, next(iter(calib))[0].to(device))
+        costs = gateify.CostModel.from_report(report)
         if kind == "gated":
             regularizer = gateify.GateRegularizer(model, report, preset)
             facts["regularizer"] = preset.to_dict()
@@ -209,7 +202,6 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
         else:  # static: the blocks to remove are chosen on training data, for the same FLOPs target
             keep = gateify.select_blocks(model, calib, preset.target, criterion=args.static_criterion, nearest=True)
             gateify.set_static(model, keep)
-            gate_flops = 0.0
             facts["static_blocks"] = keep
             for name, gate in gateify.gates(model).items():  # unused parameters must not wait for gradients
                 for p in gate.parameters():
@@ -223,7 +215,8 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
 
     def after(epoch: int, stats: dict[str, float]) -> dict[str, float]:
         result = evaluate(model, test, device, channels_last=channels_last(args))
-        saved = estimated_saved(result, costs, dense_flops, gate_flops) if costs else 0.0
+        # FLOPs saved implied by the decisions (per-epoch logging; the final figure is counted by gateify.flops)
+        saved = 1 - costs.fraction(result.keep_rate(), gates_run=kind == "gated") if costs else 0.0
         log.append({"phase": kind, **stats, "test_acc": result.accuracy, "flops_saved": saved})
         write_log(log, args.out)
         return {"test_acc": result.accuracy, "flops_saved": saved}

@@ -1,32 +1,32 @@
-"""FLOPs of what actually ran, and calibration of the hard-gate threshold to a FLOPs target.
+"""FLOPs of what actually ran, the cost model built on them, and calibration of the hard threshold to a target.
 
 Counting is done by ``torch.utils.flop_counter.FlopCounterMode`` on real forward passes, so work that a gate
 skipped is not counted. Units: **FLOPs** as that counter defines them (2 per multiply-accumulate of a
 convolution or matrix product) and **MACs** = FLOPs / 2 (what most papers call "FLOPs"; ResNet-20 at 32x32 is
 40.6M MACs = 81.1M FLOPs). Elementwise work (BatchNorm, activations, additions), pooling and the gather/scatter of
 real skipping are not counted by either unit.
+
+One cost model serves everything that predicts FLOPs from decisions (calibration, the regulariser, static
+selection): executed = fixed + sum over blocks of branch FLOPs x keep rate, where fixed is everything outside the
+gated branches plus the controllers (:class:`CostModel`).
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-import time
-from contextlib import contextmanager
-from itertools import islice
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .conversion import gates, restore_training_flags, training_flags
-from .errors import GateifyError, InputShapeError
+from .errors import GateConfigError, GateifyError, GateifyWarning, InputShapeError
+from .modes import (Batches, as_batches, gate_mode, gates, evaluating, keep_rates, model_device,
+                    require_gates)
 
-__all__ = ["BlockFlops", "FlopsReport", "flops", "calibrate", "measure_latency"]
-
-Batches = Union[torch.Tensor, Iterable[Any]]
+__all__ = ["BlockFlops", "FlopsReport", "CostModel", "flops", "calibrate"]
 
 
 @dataclass
@@ -104,39 +104,45 @@ class FlopsReport:
         return "\n".join(lines)
 
 
-def _as_batches(inputs: Batches) -> Iterator[torch.Tensor]:
-    if isinstance(inputs, torch.Tensor):
-        yield inputs
-        return
-    for item in inputs:
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        if not isinstance(x, torch.Tensor):
-            raise InputShapeError(f"expected a tensor or (tensor, target) batches, got {type(x).__name__}.")
-        yield x
+class CostModel:
+    """Executed FLOPs per sample as a function of each block's keep rate (see module doc).
 
+    ``fixed_flops`` is what runs whatever the decisions (stem, shortcuts, head); ``gate_flops`` the controllers,
+    which run for every sample whenever gates decide (not in ``"static"`` mode, where no controller runs).
+    Keep rates may be floats or tensors (the regulariser passes differentiable ones).
+    """
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
+    def __init__(self, dense_flops: float, branch_flops: Mapping[str, float], gate_flops: float = 0.0) -> None:
+        if dense_flops <= 0:
+            raise GateifyError(f"dense_flops={dense_flops} must be > 0; count it with gateify.flops.")
+        self.dense_flops = float(dense_flops)
+        self.branch_flops = {name: float(c) for name, c in branch_flops.items()}
+        self.gate_flops = float(gate_flops)
+        self.fixed_flops = self.dense_flops - sum(self.branch_flops.values())
 
+    @classmethod
+    def from_report(cls, report: "FlopsReport") -> "CostModel":
+        return cls(report.dense_flops, {b.name: b.branch_flops for b in report.blocks}, report.gate_flops)
 
-@contextmanager
-def _modes(model: nn.Module, mode: Optional[str]) -> Iterator[None]:
-    """Temporarily put every gate in ``mode`` (``None``: leave as is)."""
-    found = gates(model)
-    before = {name: g.mode for name, g in found.items()}
-    try:
-        if mode is not None:
-            for g in found.values():
-                g.mode = mode
-        yield
-    finally:
-        for name, g in found.items():
-            g.mode = before[name]
+    def fraction(self, keep: Mapping[str, Any], *, gates_run: bool = True) -> Any:
+        """Executed FLOPs / dense for ``{block: keep rate}`` (blocks not named are kept)."""
+        executed = self.fixed_flops + (self.gate_flops if gates_run else 0.0)
+        for name, cost in self.branch_flops.items():
+            executed = executed + cost * keep.get(name, 1.0)
+        return executed / self.dense_flops
+
+    def static_fraction(self, keep: Mapping[str, bool]) -> float:
+        """Executed FLOPs / dense of a static selection ``{block: keep}``: no controller runs in static mode."""
+        return self.fraction({name: float(k) for name, k in keep.items()}, gates_run=False)
+
+    def uniform_keep(self, target: float) -> float:
+        """The keep rate that, given to every block, makes executed FLOPs ``target`` x dense (clamped to [0, 1])."""
+        skippable = sum(self.branch_flops.values())
+        return min(1.0, max(0.0, (target * self.dense_flops - self.fixed_flops - self.gate_flops) / skippable))
 
 
 class _Counter:
-    """FlopCounterMode plus per-gate attribution of branch and controller FLOPs and kept samples."""
+    """FlopCounterMode plus per-gate attribution of branch and scorer FLOPs and kept samples."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -159,10 +165,10 @@ class _Counter:
 
     def run(self, batches: Iterable[torch.Tensor]) -> "_Counter":
         handles = []
-        for name, gate in self.gates.items():  # branch = whole gate call minus its controller
+        for name, gate in self.gates.items():  # branch = whole gate call minus its scorer
             handles += self._attribute(gate, self.branch, name)
-            handles += self._attribute(gate.controller, self.controller, name)
-        device = _device(self.model)
+            handles += self._attribute(gate.scorer, self.controller, name)
+        device = model_device(self.model)
         try:
             with torch.no_grad(), self.mode:
                 for x in batches:
@@ -187,7 +193,8 @@ class _Counter:
 
 
 def flops(model: nn.Module, inputs: Batches, *, max_batches: Optional[int] = None) -> FlopsReport:
-    """Count FLOPs per sample of ``model`` on ``inputs``, as it runs now (its train/eval state and gate modes).
+    """Count FLOPs per sample of ``model`` on ``inputs`` as inference runs it: in ``eval()``, with gates in
+    ``"auto"`` or ``"gumbel"`` mode counted in ``"hard"`` mode (``"hard"``, ``"dense"``, ``"static"`` as they are).
 
     Args:
         model: a converted model (or any model: then executed = dense and ``blocks`` is empty).
@@ -196,19 +203,14 @@ def flops(model: nn.Module, inputs: Batches, *, max_batches: Optional[int] = Non
 
     Returns:
         A :class:`FlopsReport`. ``dense_flops`` is counted on the first batch with every gate open; executed
-        FLOPs on every batch in the current mode, so skipped branches are not counted. Call ``model.eval()`` first
-        for the deterministic hard gates of inference. Buffers (BatchNorm statistics) are left as they were.
+        FLOPs on every batch, so skipped branches are not counted. A model left in ``train()`` is counted as it
+        would run in ``eval()``; train flags, gate modes and buffers are left as they were.
     """
-    batches = list(islice(_as_batches(inputs), max_batches))
-    buffers = {name: b.clone() for name, b in model.named_buffers()}  # train() BatchNorm would update statistics
-    try:
-        with _modes(model, "dense"):
+    batches = list(as_batches(inputs, max_batches))
+    with evaluating(model):
+        with gate_mode(model, "dense"):
             dense = _Counter(model).run(batches[:1])
         executed = _Counter(model).run(batches)
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
     n = executed.samples
     blocks = [
         BlockFlops(name, dense.branch[name] / dense.samples, executed.branch[name] / n,
@@ -225,59 +227,47 @@ def flops(model: nn.Module, inputs: Batches, *, max_batches: Optional[int] = Non
     )
 
 
-def _keep_rates(model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
-    """Per gated block, the fraction of samples its gate kept over ``batches`` (tensors or ``(x, y)`` pairs), in
-    the gates' current modes, without gradients."""
-    found = gates(model)
-    kept = dict.fromkeys(found, 0.0)
-    n = 0
-    device = _device(model)
-    with torch.no_grad():
-        for x in _as_batches(batches):
-            model(x.to(device))
-            n += x.shape[0]
-            for name, g in found.items():
-                kept[name] += float(g.last.gate.sum())
-    if not n:
-        raise InputShapeError("no input batch was given to count keep rates on.")
-    return {name: k / n for name, k in kept.items()}
-
-
 def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_batches: Optional[int] = None,
-              steps: int = 40, tolerance: float = 1e-3) -> float:
+              steps: int = 40, tolerance: float = 1e-3, max_error: float = 0.02) -> float:
     """Choose one hard-gate threshold for every gate so executed FLOPs are ``target`` x dense on ``inputs``.
 
     No retraining: a bisection on the threshold (executed FLOPs fall as it rises), each step a hard-mode pass over
-    the data with the per-block costs counted once by :func:`flops`. Gate overhead counts toward the target. The
-    threshold is written into every gate's ``threshold`` buffer, so :func:`gateify.save` keeps it.
+    the data, with executed FLOPs predicted by the :class:`CostModel` of one :func:`flops` count. Gate overhead
+    counts toward the target. The threshold is written into every gate's ``threshold``, so :func:`gateify.save`
+    keeps it.
 
     Args:
         target: executed FLOPs as a fraction of dense, e.g. 0.7 for 30% saved.
         inputs: calibration batches (a tensor or a DataLoader); max_batches: use at most this many.
         steps: at most this many bisection steps; tolerance: stop once within this of the target.
+        max_error: warn (``GateifyWarning``, naming the fraction reached) when the best threshold misses the target
+            by more than this: with untrained controllers every sample has the same keep probability, so one
+            threshold can only switch whole blocks at once.
 
     Returns:
         The threshold set.
+
+    Raises:
+        GateConfigError: CIR gates (they run every branch before deciding: no threshold saves FLOPs).
+        GateifyError: a target outside what the data allows (every block skipped .. every block kept).
     """
-    found = gates(model)
-    if not found:
-        raise GateifyError("calibrate needs a converted model; call gateify.convert(model) first.")
-    batches = list(islice(_as_batches(inputs), max_batches))
-    flags = training_flags(model)
+    found = require_gates(model, "calibrate")
+    cir = [name for name, g in found.items() if not g.scorer.decides_from_input]
+    if cir:
+        raise GateConfigError(f"calibrate cannot meet a FLOPs target with CIR gates ({cir[:3]}...): a CIR gate needs "
+                              f"F(x) to decide, so every branch runs whatever the threshold. Convert with "
+                              f"gate='controller' to save compute.")
+    batches = list(as_batches(inputs, max_batches))
     before = {name: g.threshold.clone() for name, g in found.items()}
     done = False
-    model.eval()
     try:
-        with _modes(model, "hard"):
-            report = flops(model, batches)
-            costs = {b.name: b.branch_flops for b in report.blocks}
-            fixed = report.dense_flops - sum(costs.values()) + report.gate_flops
+        with gate_mode(model, "hard"):
+            costs = CostModel.from_report(flops(model, batches))
 
             def fraction(threshold: float) -> float:
                 for g in found.values():
                     g.threshold.fill_(threshold)
-                rates = _keep_rates(model, batches)
-                return (fixed + sum(costs[k] * rates[k] for k in found)) / report.dense_flops
+                return costs.fraction(keep_rates(model, batches))
 
             low, high = fraction(0.0), fraction(1.0 + 1e-6)
             if not high <= target <= low:
@@ -287,12 +277,12 @@ def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_bat
                     f"included) of dense on this data.")
             # bisect on the logit of the threshold: trained controllers put many samples near p = 0 or 1
             lo, hi = -30.0, 30.0
-            best = (abs(low - target), 0.0)
+            best = (abs(low - target), 0.0, low)
             for _ in range(steps):
                 mid = (lo + hi) / 2
                 threshold = 1.0 / (1.0 + math.exp(-mid))
                 f = fraction(threshold)
-                best = min(best, (abs(f - target), threshold))
+                best = min(best, (abs(f - target), threshold, f))
                 if best[0] <= tolerance:
                     break
                 if f > target:
@@ -304,32 +294,13 @@ def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_bat
             threshold = float(next(iter(found.values())).threshold)  # as stored (float32)
             done = True
     finally:
-        restore_training_flags(model, flags)
         if not done:  # a refusal or an interruption leaves the thresholds as they were
             for name, g in found.items():
                 g.threshold.copy_(before[name])
+    if best[0] > max_error:
+        warnings.warn(GateifyWarning(
+            f"calibrate reached {best[2]:.3f} of dense FLOPs, not the target {target} (off by {best[0]:.3f} > "
+            f"max_error={max_error}): the samples' keep probabilities barely differ, so one threshold switches "
+            f"whole blocks at once. Train the gates first (gateify.GateRegularizer), or remove blocks for everyone "
+            f"(gateify.select_blocks)."), stacklevel=2)
     return threshold
-
-
-def measure_latency(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median milliseconds per call of each ``fn`` after ``warmup`` calls, interleaved round-robin so that drift
-    (clock, cache, other load) hits every variant alike; CUDA events and synchronisation on a GPU."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize(device)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize(device)
-                times[key].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[key].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}

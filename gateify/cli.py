@@ -23,12 +23,14 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .accounting import flops, measure_latency
-from .conversion import convert, gates, set_mode, to_dense
+from .accounting import flops
+from .conversion import convert, to_dense
 from .errors import GateifyError
 from .gate import GATE_KINDS
-from .io import load, load_dense, read_metadata, save
+from .io import FORMAT_KEY, is_gateify_file, load, load_dense, read_metadata, save
 from .models import architecture_of, create_model, input_shape
+from .modes import gates, set_mode
+from .timing import measure_latency
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, metavar="FILE", help="where to write the gated model (.safetensors)")
     c.add_argument("--arch", metavar="NAME", help="the architecture of a dense safetensors MODEL file")
     c.add_argument("--weights", metavar="DENSE.safetensors", help="dense source weights to load before converting")
-    c.add_argument("--gate", choices=GATE_KINDS, default="controller",
+    c.add_argument("--gate", choices=tuple(GATE_KINDS), default="controller",
                    help="controller (default): a small MLP on the block input decides, skipped branches save compute; "
                         "cir: decides from the branch output's cosine incompatibility, so every branch runs "
                         "(no compute saved)")
@@ -152,7 +154,7 @@ def _random_batch(model: nn.Module, n: int, size: Optional[int], device: torch.d
 def _load_gated_file(path: str) -> tuple[nn.Module, dict[str, str]]:
     """The model in a file written by gateify.save, in eval mode, and the file's metadata."""
     metadata = read_metadata(path)  # the header only: load() reads the tensors
-    if "gateify_format" not in metadata:
+    if not is_gateify_file(metadata):
         raise UsageError(f"'{path}' holds weights not written by gateify (dense weights?); convert them first: "
                          f"gateify convert {path} --arch NAME --out gated.safetensors")
     return load(path).eval(), metadata
@@ -165,7 +167,7 @@ def _info(args: argparse.Namespace) -> int:
     arch = architecture_of(model)
     found = gates(model)
     print(f"file          {args.file} ({os.path.getsize(args.file):,} bytes, gateify file format "
-          f"{metadata.get('gateify_format', '?')}, written by gateify {metadata.get('gateify_version', '?')}; "
+          f"{metadata.get(FORMAT_KEY, '?')}, written by gateify {metadata.get('gateify_version', '?')}; "
           f"loaded, rebuilt and converted in {1e3 * seconds:.0f} ms)")
     print(f"architecture  {json.dumps(arch) if arch else 'not recorded'}")
     if not found:
@@ -224,6 +226,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
         return args.func(args)
+    except BrokenPipeError:  # `gateify info FILE | head`: the reader stopped early, which is not our error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141  # what a shell reports for a process that SIGPIPE ended
     except (GateifyError, OSError) as e:  # user errors: the message says what to do, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

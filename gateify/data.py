@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from .cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
-from .errors import GateifyError
+from .errors import DatasetError
 
 __all__ = ["DATASETS", "DataSplits", "DatasetError", "load_dataset", "read_cifar10"]
 
@@ -31,10 +31,6 @@ DATASETS = ("cifar10", "folder", "digits")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-class DatasetError(GateifyError):
-    """A dataset is missing, incomplete or not in the expected layout; the message says how to get it right."""
 
 
 @dataclass

@@ -2,18 +2,26 @@
 
 __all__ = [
     "GateifyError",
+    "GateConfigError",
     "NoResidualBlocksError",
     "UntraceableModelError",
     "AlreadyConvertedError",
     "NotConvertedError",
     "MetaDeviceError",
     "InputShapeError",
+    "WeightsFileError",
+    "DatasetError",
+    "TrainingError",
     "GateifyWarning",
 ]
 
 
 class GateifyError(Exception):
     """Base class of every error gateify raises on purpose."""
+
+
+class GateConfigError(GateifyError, ValueError):
+    """A gate, mode or regulariser setting is out of range or unknown."""
 
 
 class NoResidualBlocksError(GateifyError):
@@ -40,5 +48,17 @@ class InputShapeError(GateifyError):
     """An input tensor does not have the shape the model or a gate expects."""
 
 
+class WeightsFileError(GateifyError):
+    """A weights file is missing, not safetensors, damaged, from a newer gateify, or does not fit the model."""
+
+
+class DatasetError(GateifyError):
+    """A dataset is missing, incomplete or not in the expected layout; the message says how to get it right."""
+
+
+class TrainingError(GateifyError):
+    """Training cannot go on (e.g. the loss became NaN); the message says what is kept and what to try."""
+
+
 class GateifyWarning(UserWarning):
-    """Something was converted with a caveat the user should know about (e.g. a module not traced through)."""
+    """Something was done with a caveat the user should know about (a module not traced through, a target missed)."""

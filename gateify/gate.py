@@ -1,9 +1,16 @@
-"""The per-sample residual gate: controller, CIR signal, modes and the real skip.
+"""The per-sample residual gate: its two kinds of decision, its modes, and the real skip.
 
 A converted block computes ``out = act(S(x) + g * F(x))``. The block's FX graph hands the gate the shortcut
 ``S(x)``, the tensors the branch ``F`` reads, and the modules/parameters ``F`` uses (fetched from the block at
 every call, so the branch never holds a stale reference). The gate decides ``g`` per sample and, in ``"hard"``
 mode, runs ``F`` only on the kept sub-batch: skipped samples never enter the branch.
+
+Two kinds of decision (``GateConfig.gate``), each a small module registered in :data:`GATE_KINDS`:
+
+* :class:`Controller` (``"controller"``): a keep logit from the pooled block input, known before ``F`` runs,
+  so skipping saves compute;
+* :class:`CIRScorer` (``"cir"``): the paper's signal, a keep logit from CIR = 1 - cos(S(x), F(x)); ``F`` must run
+  for every sample first, so nothing is saved (kept for comparison).
 """
 
 from __future__ import annotations
@@ -14,20 +21,18 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from timm.layers import register_notrace_module
+from torch import fx, nn
 
-from .errors import GateifyError
+from .errors import GateConfigError
 
-__all__ = ["GateConfig", "GateRecord", "ResidualGate", "Controller", "cosine_incompatibility", "MODES", "GATE_KINDS"]
+__all__ = ["GateConfig", "GateRecord", "ResidualGate", "Controller", "CIRScorer", "cosine_incompatibility",
+           "MODES", "INFERENCE_MODES", "GATE_KINDS"]
 
 #: ``auto`` follows ``module.training``: ``gumbel`` in train(), ``hard`` in eval().
 MODES = ("auto", "gumbel", "hard", "dense", "static")
-#: ``controller`` decides from the block input (can skip); ``cir`` decides from CIR, which needs F(x) (cannot).
-GATE_KINDS = ("controller", "cir")
-
-
-class GateConfigError(GateifyError, ValueError):
-    """A gate configuration value is out of range."""
+#: The modes that make the same decision for a sample every time (what evaluation and FLOPs counting use).
+INFERENCE_MODES = ("hard", "dense", "static")
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class GateConfig:
 
     def __post_init__(self) -> None:
         if self.gate not in GATE_KINDS:
-            raise GateConfigError(f"gate={self.gate!r} is not a gate kind; use one of {GATE_KINDS}.")
+            raise GateConfigError(f"gate={self.gate!r} is not a gate kind; use one of {tuple(GATE_KINDS)}.")
         if self.hidden < 1:
             raise GateConfigError(f"hidden={self.hidden} must be a positive controller width.")
         if not 0.0 < self.init_keep < 1.0:
@@ -83,11 +88,10 @@ class GateRecord(NamedTuple):
 
     ``keep_prob`` is the deterministic keep probability (with gradient in ``"gumbel"`` mode), ``gate`` the value
     that multiplied the branch (straight-through sample in ``"gumbel"``, a bool mask in ``"hard"``, 0/1 otherwise),
-    ``cir`` the cosine
-    incompatibility ratio where F(x) ran for the whole batch (``None`` in ``"hard"`` controller mode), ``mode`` the
-    mode that produced the record, ``decision`` the noiseless decision hard mode would make (in ``"gumbel"``: with
-    a straight-through gradient of constant slope ``1 / (4 tau)`` in the logit; equal to ``gate`` in value when the
-    noise scale is 0).
+    ``cir`` the cosine incompatibility ratio where F(x) ran for the whole batch (``None`` where it did not),
+    ``mode`` the mode that produced the record, ``decision`` the noiseless decision hard mode would make (in
+    ``"gumbel"``: with a straight-through gradient of constant slope ``1 / (4 tau)`` in the logit; equal to ``gate``
+    in value when the noise scale is 0).
     """
 
     keep_prob: Optional[torch.Tensor]
@@ -115,22 +119,59 @@ def _logit(p: float) -> float:
 class Controller(nn.Module):
     """Keep logit from the block input: global average pool -> Linear(C, hidden) -> ReLU -> Linear(hidden, 1).
 
-    ``(B, C, *spatial) -> (B,)``. The output layer starts at zero weight and bias ``logit(init_keep)``, so a freshly
-    converted model keeps every sample and computes exactly what the source model computes.
+    ``(B, C, *spatial) -> (B,)`` float32. The output layer starts at zero weight and bias ``logit(init_keep)``, so a
+    freshly converted model keeps every sample and computes exactly what the source model computes. It runs in
+    float32 even under autocast: a decision must not flip because the features were rounded to bfloat16.
     """
 
-    def __init__(self, channels: int, hidden: int, init_keep: float) -> None:
+    #: the decision is known before the branch runs, so a skipped sample costs no branch compute
+    decides_from_input = True
+    attr = "controller"
+
+    def __init__(self, channels: int, config: GateConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(channels, hidden)
-        self.fc2 = nn.Linear(hidden, 1)
+        self.fc1 = nn.Linear(channels, config.hidden)
+        self.fc2 = nn.Linear(config.hidden, 1)
         nn.init.zeros_(self.fc2.weight)
-        nn.init.constant_(self.fc2.bias, _logit(init_keep))
+        nn.init.constant_(self.fc2.bias, _logit(config.init_keep))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean(tuple(range(2, x.ndim))) if x.ndim > 2 else x
-        # functional calls: this runs once per block and sample batch, and module-call overhead shows at batch 1
-        hidden = F.relu(F.linear(pooled, self.fc1.weight, self.fc1.bias))
-        return F.linear(hidden, self.fc2.weight, self.fc2.bias).view(-1).float()
+        with torch.autocast(x.device.type, enabled=False):
+            pooled = x.float().mean(tuple(range(2, x.ndim))) if x.ndim > 2 else x.float()
+            # functional calls: this runs once per block and batch, and module-call overhead shows at batch 1
+            hidden = F.relu(F.linear(pooled, self.fc1.weight.float(), self.fc1.bias.float()))
+            return F.linear(hidden, self.fc2.weight.float(), self.fc2.bias.float()).view(-1)
+
+    def keep_logit(self, x: torch.Tensor, shortcut: torch.Tensor, branch: Optional[torch.Tensor]) -> torch.Tensor:
+        """From the branch input ``x``, detached: gate losses train the controller, never the features it reads
+        (a FLOPs penalty flowing into the backbone would warp its representations to move decisions)."""
+        return self(x.detach())
+
+
+class CIRScorer(nn.Module):
+    """Keep logit ``scale * (CIR - offset)`` from CIR = 1 - cos(S(x), F(x)): ``(B,) -> (B,)``.
+
+    The paper's reading: a branch orthogonal to its input (high CIR) adds information, so keep it. The signal needs
+    F(x), so this kind cannot save compute; its inputs are detached, so gate losses move only ``scale``/``offset``.
+    """
+
+    decides_from_input = False
+    attr = "cir"
+
+    def __init__(self, channels: int, config: GateConfig) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(5.0))
+        self.offset = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, cir: torch.Tensor) -> torch.Tensor:
+        return self.scale * (cir - self.offset)
+
+    def keep_logit(self, x: torch.Tensor, shortcut: torch.Tensor, branch: Optional[torch.Tensor]) -> torch.Tensor:
+        return self(cosine_incompatibility(shortcut.detach(), branch.detach()))
+
+
+#: ``GateConfig.gate`` -> the module that computes the keep logit (registered on the gate under its ``attr``).
+GATE_KINDS: dict[str, type[nn.Module]] = {"controller": Controller, "cir": CIRScorer}
 
 
 def _per_sample(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -138,6 +179,7 @@ def _per_sample(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return g.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
+@register_notrace_module  # timm's FX feature extraction calls a gate as a whole: it skips by data-dependent shapes
 class ResidualGate(nn.Module):
     """Gated residual ``S(x) + g * F(x)`` for one block, ``g`` per sample.
 
@@ -148,10 +190,14 @@ class ResidualGate(nn.Module):
     Modes (see :func:`gateify.set_mode`):
         ``dense``: ``S + F`` for every sample, the source model's computation.
         ``gumbel``: F on the full batch; ``g`` is a straight-through Gumbel-Softmax sample (training).
-        ``hard``: ``g = [p >= threshold]`` from the controller; F runs on the kept sub-batch only
+        ``hard``: ``g = [p >= threshold]``; with a :class:`Controller`, F runs on the kept sub-batch only
             (gather -> F -> scatter-add), not at all when nobody is kept.
         ``static``: the block's fixed decision ``static_keep`` for every sample; no controller runs.
         ``auto``: ``gumbel`` in train(), ``hard`` in eval().
+
+    The hard threshold is stored as the int32 bits of a float32 (``threshold_bits``; ``threshold`` is a float view
+    of it, writable in place): it is a decision rule, not a weight, so EMA and SWA averaging, which average floating
+    buffers only, and ``model.half()`` leave it exactly as calibrated.
     """
 
     def __init__(
@@ -169,18 +215,28 @@ class ResidualGate(nn.Module):
         self.config = config
         self.batched = tuple(bool(b) for b in batched)
         self.ctrl_index = ctrl_index
-        self.controller = Controller(channels, config.hidden, config.init_keep)
-        if config.gate == "cir":
-            # paper reading: a branch orthogonal to its input (high CIR) adds information -> keep it
-            self.cir_scale = nn.Parameter(torch.tensor(5.0))
-            self.cir_offset = nn.Parameter(torch.tensor(0.5))
-        self.register_buffer("threshold", torch.tensor(float(config.threshold)))
+        kind = GATE_KINDS[config.gate]
+        self.add_module(kind.attr, kind(channels, config))
+        self._scorer_attr = kind.attr
+        self.register_buffer("threshold_bits", torch.tensor(float(config.threshold)).view(torch.int32))
         self.register_buffer("static_keep", torch.tensor(True))
         self.mode = "auto"
         self.owns_shortcut = False  # set by gateify.convert when nothing but this addition reads the shortcut
+        self.primary = True  # the block's first gate, named after the block by gateify.gates(); set by convert
+        self.index = 0  # execution order among the model's gates; set by gateify.convert
         self.tau = config.tau
         self.noise = config.noise
         self.last: Optional[GateRecord] = None
+
+    @property
+    def scorer(self) -> nn.Module:
+        """The module that computes the keep logit: a :class:`Controller` or a :class:`CIRScorer`."""
+        return getattr(self, self._scorer_attr)
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """The hard threshold as a float32 scalar tensor viewing ``threshold_bits`` (``fill_`` writes through)."""
+        return self.threshold_bits.view(torch.float32)
 
     def extra_repr(self) -> str:
         return f"gate={self.config.gate!r}, mode={self.mode!r}, threshold={float(self.threshold):.4g}"
@@ -193,19 +249,8 @@ class ResidualGate(nn.Module):
 
     def _run_branch(self, *args: Any) -> torch.Tensor:
         # forward() directly: the branch is stateless and module-call overhead shows at batch 1; FLOPs accounting
-        # attributes the branch as gate minus controller, so no hook on it is needed
+        # attributes the branch as gate minus scorer, so no hook on it is needed
         return self.branch.forward(*args)
-
-    def keep_logit(self, x: torch.Tensor) -> torch.Tensor:
-        """Controller logit of keeping each sample, from the branch input ``x`` ``(B, C, ...)`` -> ``(B,)``.
-
-        The input is detached: gate losses train the controller, never the features it reads (a FLOPs penalty
-        flowing into the backbone would warp its representations to move decisions).
-        """
-        return self.controller(x.detach())
-
-    def _cir_logit(self, cir: torch.Tensor) -> torch.Tensor:
-        return self.cir_scale * (cir - self.cir_offset)
 
     def _threshold_shift(self) -> torch.Tensor:
         # keep <=> sigmoid(logit) >= threshold <=> logit - logit(threshold) >= 0
@@ -220,6 +265,11 @@ class ResidualGate(nn.Module):
             object.__setattr__(self, "last", record)
 
     def forward(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
+        if isinstance(shortcut, fx.Proxy):
+            # traced by an FX tracer that does not know gates (torchvision's create_feature_extractor): a skip
+            # decision cannot be traced, so record the gate as one module call, as a leaf would be
+            tracer = shortcut.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (shortcut, inputs, params), {})
         mode = self.effective_mode
         if mode == "dense":
             self._record("dense", None, shortcut.new_ones(shortcut.shape[0]), None)
@@ -229,9 +279,9 @@ class ResidualGate(nn.Module):
         if mode == "gumbel":
             return self._gumbel(shortcut, inputs, params)
         if mode == "hard":
-            if self.config.gate == "cir":
-                return self._hard_cir(shortcut, inputs, params)
-            return self._hard(shortcut, inputs, params)
+            if self.scorer.decides_from_input:
+                return self._hard(shortcut, inputs, params)
+            return self._hard_masked(shortcut, inputs, params)
         raise GateConfigError(f"gate mode {self.mode!r} is not one of {MODES}; use gateify.set_mode.")
 
     def _static(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
@@ -247,11 +297,8 @@ class ResidualGate(nn.Module):
 
     def _gumbel(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
         branch = self._run_branch(*inputs, *params)
-        cir = cosine_incompatibility(shortcut, branch)
-        if self.config.gate == "cir":
-            raw = self._cir_logit(cir)
-        else:
-            raw = self.keep_logit(inputs[self.ctrl_index])
+        cir = cosine_incompatibility(shortcut.detach(), branch.detach())
+        raw = self.scorer.keep_logit(inputs[self.ctrl_index], shortcut, branch)
         logit = raw - self._threshold_shift()  # >= 0 exactly where hard mode keeps
         # what hard mode would decide, for the FLOPs terms; its gradient is the sigmoid's slope at the threshold for
         # every sample, so it never vanishes: a budget can still move a block that every sample skips (or keeps)
@@ -260,7 +307,7 @@ class ResidualGate(nn.Module):
         if self.noise > 0:
             u = torch.rand_like(logit).clamp_(1e-6, 1 - 1e-6)
             g = self._straight_through(logit + self.noise * (torch.log(u) - torch.log1p(-u)))  # logistic noise
-        self._record("gumbel", torch.sigmoid(raw), g, cir.detach(), decision)
+        self._record("gumbel", torch.sigmoid(raw), g, cir, decision)
         return shortcut + _per_sample(g, branch) * branch
 
     def _straight_through(self, z: torch.Tensor) -> torch.Tensor:
@@ -268,11 +315,11 @@ class ResidualGate(nn.Module):
         soft = torch.sigmoid(z / self.tau)
         return (z >= 0).to(soft.dtype) + (soft - soft.detach())
 
-    def _hard_cir(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
+    def _hard_masked(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
         # The decision needs F(x), so F ran for every sample already: this masks, it cannot save compute.
         branch = self._run_branch(*inputs, *params)
         cir = cosine_incompatibility(shortcut, branch)
-        p = torch.sigmoid(self._cir_logit(cir))
+        p = torch.sigmoid(self.scorer(cir))
         keep = (p >= self.threshold).to(p.dtype)
         self._record("hard", p, keep, cir)
         return shortcut + _per_sample(keep, branch) * branch
@@ -283,7 +330,7 @@ class ResidualGate(nn.Module):
                                   "exporter freeze to the example input. Use torch.export.export / "
                                   "torch.onnx.export(..., dynamo=True), or export gateify.to_static(model).")
         x = inputs[self.ctrl_index]
-        p = torch.sigmoid(self.keep_logit(x))
+        p = torch.sigmoid(self.scorer(x))
         keep = p >= self.threshold  # p lies in [0, 1]: threshold 0 keeps all, > 1 skips all
         self._record("hard", p, keep, None)
         if torch.compiler.is_exporting():
@@ -314,7 +361,7 @@ class ResidualGate(nn.Module):
     def _alone(self, shortcut: torch.Tensor) -> torch.Tensor:
         if self.owns_shortcut and self._writable(shortcut):
             return shortcut
-        return shortcut.clone()  # the post-add activation may be in-place: never hand out the block input itself
+        return shortcut.clone()  # the post-add activation may be in-place: never hand out the block input
 
     def _scatter(self, shortcut: torch.Tensor, idx: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(shortcut.dtype, branch.dtype)

@@ -4,41 +4,56 @@ A gated file holds every tensor of the model's state dict (base weights, control
 buffers, calibrated thresholds, static decisions) and flat string metadata: the format version, the gateify
 version, the source architecture (timm or ``torchvision:`` name and its keyword arguments), the gate
 configuration and each gate's mode, Gumbel temperature and noise scale. Nothing is ever unpickled; loading checks
-keys and shapes before copying, so a mismatched file leaves the model untouched.
+keys and shapes before copying, so a mismatched file leaves the model untouched. Files are written atomically
+(temporary name, then rename) with the permissions the process umask gives a new file.
+
+Format history: 1 (gateify 0.1.0) stored each threshold as a float32 ``threshold`` and a CIR gate's parameters as
+``cir_scale``/``cir_offset`` beside an unused controller; 2 stores ``threshold_bits`` (the float32's int32 bits, so
+weight averaging cannot touch it) and ``cir.scale``/``cir.offset``. Format 1 files still load.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Collection, Mapping, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .conversion import convert, gates
+from .conversion import convert
 from ._version import __version__
-from .errors import GateifyError
-from .gate import MODES, GateConfig
+from .errors import GateifyError, WeightsFileError
+from .gate import MODES, GateConfig, ResidualGate
 from .models import architecture_of, create_model
+from .modes import gates, unwrap
 
-__all__ = ["save", "load", "load_dense", "atomic_save", "WeightsFileError", "FORMAT_VERSION"]
+__all__ = ["save", "load", "load_dense", "atomic_save", "read_safetensors", "read_metadata", "check_fits",
+           "is_gateify_file", "FORMAT_VERSION", "FORMAT_KEY"]
 
-FORMAT_VERSION = 1
-_FORMAT_KEY = "gateify_format"
+FORMAT_VERSION = 2
+#: metadata key that marks a file written by :func:`save`; its value is the format version
+FORMAT_KEY = "gateify_format"
 
 
-class WeightsFileError(GateifyError):
-    """A weights file is missing, not safetensors, damaged, from a newer gateify, or does not fit the model."""
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set and put back at once
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """``safetensors.save_file`` to a temporary name, then an atomic rename: a kill never leaves half a file."""
+    """``safetensors.save_file`` to a temporary name, then an atomic rename: a kill never leaves half a file.
+
+    The file gets the mode a new file gets under the umask (0644 under umask 022), like ``torch.save``'s:
+    safetensors alone creates 0600 files that others on a shared machine cannot read.
+    """
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -53,14 +68,14 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, architecture: Optio
             :func:`gateify.create_model`; default: what :func:`gateify.create_model` or timm recorded. Without
             it the file still loads into a model you pass to :func:`load`.
     """
-    module = getattr(model, "module", model)
+    module = unwrap(model)
     found = gates(module)
     arch = dict(architecture) if architecture is not None else architecture_of(module)
     configs = {json.dumps(g.config.to_dict(), sort_keys=True) for g in found.values()}
     if len(configs) > 1:
         raise WeightsFileError("gates with different configurations cannot be described by one file header.")
     metadata = {
-        _FORMAT_KEY: str(FORMAT_VERSION),
+        FORMAT_KEY: str(FORMAT_VERSION),
         "gateify_version": __version__,
         "torch_version": torch.__version__,
         "architecture": json.dumps(arch),
@@ -139,11 +154,16 @@ def read_metadata(path: Union[str, os.PathLike]) -> dict[str, str]:
         raise WeightsFileError(_diagnose(path, e)) from e
 
 
-def _check_fits(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str, *, ignore_missing: str = "",
-                hint: str = "") -> None:
-    """Raise before anything is copied if keys or shapes differ (``ignore_missing``: a key fragment allowed absent)."""
+def is_gateify_file(metadata: Mapping[str, str]) -> bool:
+    """Whether a safetensors file's metadata says :func:`save` wrote it."""
+    return FORMAT_KEY in metadata
+
+
+def check_fits(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str, *,
+               may_lack: Collection[str] = (), hint: str = "") -> None:
+    """Raise before anything is copied if keys or shapes differ (``may_lack``: model keys the file may lack)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors and not (ignore_missing and ignore_missing in k)]
+    missing = [k for k in expected if k not in tensors and k not in may_lack]
     unexpected = [k for k in tensors if k not in expected]
     shapes = [f"{k}: file {tuple(t.shape)} vs model {tuple(expected[k].shape)}"
               for k, t in tensors.items() if k in expected and tuple(t.shape) != tuple(expected[k].shape)]
@@ -169,7 +189,7 @@ def _describe(arch: Optional[Mapping[str, Any]]) -> str:
 def _parse_metadata(path: str, metadata: Mapping[str, str]) -> tuple[int, Optional[dict], Optional[dict], dict]:
     """``(format version, architecture, gate config, {gate: {"mode", ...}})`` from a file's header, checked."""
     try:
-        version = int(metadata[_FORMAT_KEY])
+        version = int(metadata[FORMAT_KEY])
         arch = json.loads(metadata.get("architecture", "null"))
         config = json.loads(metadata.get("gate_config", "null"))
         modes = json.loads(metadata.get("gates", "{}"))
@@ -205,10 +225,12 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
     """
     path = os.fspath(path)
     tensors, metadata = read_safetensors(path)
-    if _FORMAT_KEY not in metadata:
-        raise WeightsFileError(f"'{path}' was not written by gateify.save (no '{_FORMAT_KEY}' metadata). For dense "
+    if not is_gateify_file(metadata):
+        raise WeightsFileError(f"'{path}' was not written by gateify.save (no '{FORMAT_KEY}' metadata). For dense "
                                f"weights of the source model use gateify.load_dense(model, '{path}').")
-    _, arch, config, modes = _parse_metadata(path, metadata)
+    version, arch, config, modes = _parse_metadata(path, metadata)
+    if version == 1:
+        tensors = _from_format_1(tensors, modes, config)
     if model is None:
         if not arch:
             raise WeightsFileError(f"'{path}' does not record its architecture; pass the model: "
@@ -228,7 +250,7 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
     theirs = architecture_of(model)
     hint = (f"The file was saved from {_describe(arch)}, the model passed is {_describe(theirs)}."
             if arch and theirs and arch != theirs else "")
-    _check_fits(target, tensors, path, hint=hint)
+    check_fits(target, tensors, path, hint=hint)
     unknown = {m["mode"] for m in modes.values()} - set(MODES)
     if unknown or set(modes) != set(gates(target)):
         raise WeightsFileError(f"'{path}' lists gates {sorted(modes)} with modes {sorted(unknown) or 'ok'}, but the "
@@ -241,11 +263,37 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
     return target
 
 
+def _gate_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the gates gateify inserted (exactly those: a model's own ``gate`` modules are not)."""
+    prefixes = [path + "." for path, m in model.named_modules() if isinstance(m, ResidualGate)]
+    return {k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)}
+
+
+def _from_format_1(tensors: dict[str, torch.Tensor], modes: Mapping[str, Any],
+                   config: Optional[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """A format-1 file's tensors under format-2 keys (see module doc); the gates are the ones its header lists."""
+    out = dict(tensors)
+    cir = bool(config) and config.get("gate") == "cir"
+    for block in modes:
+        prefix = next((p for p in (f"{block}.gate.", f"{block}.") if f"{p}threshold" in tensors), None)
+        if prefix is None:
+            continue  # check_fits will name what is missing
+        out[f"{prefix}threshold_bits"] = out.pop(f"{prefix}threshold").to(torch.float32).view(torch.int32)
+        if cir:
+            for old, new in (("cir_scale", "cir.scale"), ("cir_offset", "cir.offset")):
+                if f"{prefix}{old}" in out:
+                    out[f"{prefix}{new}"] = out.pop(f"{prefix}{old}")
+            for key in [k for k in out if k.startswith(f"{prefix}controller.")]:
+                del out[key]
+    return out
+
+
 def load_dense(model: nn.Module, weights: Union[str, os.PathLike, Mapping[str, torch.Tensor]]) -> nn.Module:
     """Load dense source weights (a timm/torchvision state dict, or a safetensors file of one) into ``model``.
 
-    ``model`` may be the plain source model or its converted version: then only gate entries stay as they are.
-    Keys and shapes are checked first; on a mismatch nothing is copied. Returns ``model``.
+    ``model`` may be the plain source model or its converted version: then the gates gateify inserted keep their
+    values, and every other key (a model's own modules named ``gate`` included) must be in the weights. Keys and
+    shapes are checked first; on a mismatch nothing is copied. Returns ``model``.
     """
     metadata: dict[str, str] = {}
     if isinstance(weights, Mapping):
@@ -253,9 +301,10 @@ def load_dense(model: nn.Module, weights: Union[str, os.PathLike, Mapping[str, t
     else:
         tensors, metadata = read_safetensors(weights)
         where = os.fspath(weights)
-    tensors = {k: v for k, v in tensors.items() if ".gate." not in k} if gates(model) else tensors
+    inserted = _gate_keys(model)
+    tensors = {k: v for k, v in tensors.items() if k not in inserted}
     hint = (f"'{where}' was written by gateify.save: load it with gateify.load('{where}') instead."
-            if _FORMAT_KEY in metadata and not gates(model) else "")
-    _check_fits(model, tensors, where, ignore_missing=".gate.", hint=hint)
+            if is_gateify_file(metadata) and not inserted else "")
+    check_fits(model, tensors, where, may_lack=inserted, hint=hint)
     model.load_state_dict(tensors, strict=False)
     return model

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .accounting import FlopsReport
-from .conversion import gates
-from .errors import GateifyError, NotConvertedError
+from .accounting import CostModel, FlopsReport
+from .errors import GateConfigError, GateifyError
+from .modes import require_gates
 
-__all__ = ["RegularizerConfig", "PRESETS", "GateRegularizer", "LossTerms", "ramp"]
+__all__ = ["RegularizerConfig", "PRESETS", "GateRegularizer", "LossTerms", "ramp", "config_with"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class RegularizerConfig:
         if min(self.flops_weight, self.consistency_weight) < 0:
             problems.append("weights must be >= 0")
         if problems:
-            raise GateifyError("invalid regulariser config: " + "; ".join(problems) + ".")
+            raise GateConfigError("invalid regulariser config: " + "; ".join(problems) + ".")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,28 +141,26 @@ class GateRegularizer:
         config: a :class:`RegularizerConfig` or a preset name (``"aggressive"``, ``"balanced"``, ``"conservative"``).
     """
 
-    def __init__(self, model: nn.Module, costs: Union[FlopsReport, Mapping[str, float]],
+    def __init__(self, model: nn.Module, costs: Union[FlopsReport, CostModel, Mapping[str, float]],
                  config: Union[RegularizerConfig, str] = "balanced", *, dense_flops: Optional[float] = None,
                  gate_flops: float = 0.0) -> None:
         if isinstance(config, str):
             if config not in PRESETS:
-                raise GateifyError(f"unknown preset {config!r}; use one of {sorted(PRESETS)} or a RegularizerConfig.")
+                raise GateConfigError(f"unknown preset {config!r}; use one of {sorted(PRESETS)} or a "
+                                      f"RegularizerConfig.")
             config = PRESETS[config]
         self.config = config
-        self.gates = gates(model)  # looks through DDP
-        if not self.gates:
-            raise NotConvertedError("GateRegularizer needs a converted model; call gateify.convert(model) first.")
+        self.gates = require_gates(model, "GateRegularizer")  # looks through DDP
         if isinstance(costs, FlopsReport):
-            dense_flops, gate_flops = costs.dense_flops, costs.gate_flops
-            costs = {b.name: b.branch_flops for b in costs.blocks}
-        if dense_flops is None:
-            raise GateifyError("pass dense_flops with a cost mapping, or pass a FlopsReport from gateify.flops.")
-        missing = set(self.gates) - set(costs)
+            costs = CostModel.from_report(costs)
+        elif not isinstance(costs, CostModel):
+            if dense_flops is None:
+                raise GateifyError("pass dense_flops with a cost mapping, or pass a FlopsReport from gateify.flops.")
+            costs = CostModel(dense_flops, costs, gate_flops)
+        missing = set(self.gates) - set(costs.branch_flops)
         if missing:
             raise GateifyError(f"no branch FLOPs for blocks {sorted(missing)}; count them with gateify.flops.")
-        self.costs = torch.tensor([float(costs[name]) for name in self.gates], dtype=torch.float64)
-        self.dense_flops = float(dense_flops)
-        self.fixed_flops = self.dense_flops - float(self.costs.sum()) + float(gate_flops)
+        self.costs = costs
         self.progress = 0.0
         self.flops_weight = 0.0
 
@@ -187,8 +185,7 @@ class GateRegularizer:
 
     def block_keep_target(self) -> float:
         """The keep rate that, given to every block, meets ``target``."""
-        skippable = float(self.costs.sum())
-        return min(1.0, max(0.0, (self.config.target * self.dense_flops - self.fixed_flops) / skippable))
+        return self.costs.uniform_keep(self.config.target)
 
     def _records(self) -> list:
         records = [g.last for g in self.gates.values()]
@@ -197,27 +194,28 @@ class GateRegularizer:
                                "(mode 'auto') or set_mode(model, 'gumbel') before computing the loss.")
         return records
 
+    def _keep(self) -> dict[str, torch.Tensor]:
+        return {name: r.decision.float().mean() for name, r in zip(self.gates, self._records())}
+
     def flops_fraction(self) -> torch.Tensor:
         """Executed FLOPs fraction of the last batch, differentiable through the straight-through gates."""
-        records = self._records()
-        keep = torch.stack([r.decision.float().mean() for r in records])
-        costs = self.costs.to(keep.device, keep.dtype)
-        return (self.fixed_flops + (costs * keep).sum()) / self.dense_flops
+        return self.costs.fraction(self._keep())
 
     def flops_loss(self) -> torch.Tensor:
-        keep = torch.stack([r.decision.float().mean() for r in self._records()])
+        keep = self._keep()
+        rates = torch.stack(list(keep.values()))
         if self.config.granularity == "block":
-            return self.flops_weight * ((keep - self.block_keep_target()) ** 2).mean()
-        loss = self.flops_weight * (self.flops_fraction() - self.config.target) ** 2
+            return self.flops_weight * ((rates - self.block_keep_target()) ** 2).mean()
+        loss = self.flops_weight * (self.costs.fraction(keep) - self.config.target) ** 2
         if self.config.min_keep > 0:
-            loss = loss + self.flops_weight * (F.relu(self.config.min_keep - keep) ** 2).mean()
+            loss = loss + self.flops_weight * (F.relu(self.config.min_keep - rates) ** 2).mean()
         return loss
 
     def consistency_loss(self) -> torch.Tensor:
         """BCE between keep probabilities and 'keep the k highest-CIR samples', k = how many each block keeps now."""
         losses = []
         for gate, record in zip(self.gates.values(), self._records()):
-            if gate.config.gate == "cir" or record.cir is None:
+            if not gate.scorer.decides_from_input or record.cir is None:
                 continue  # a CIR gate's logit is a function of CIR already
             k = int(round(float(record.decision.detach().float().sum())))
             target = torch.zeros_like(record.keep_prob)
@@ -226,7 +224,7 @@ class GateRegularizer:
             prob = record.keep_prob.clamp(1e-6, 1 - 1e-6)
             losses.append(F.binary_cross_entropy(prob, target))
         if not losses:
-            return self.costs.new_zeros((), dtype=torch.float32)
+            return torch.zeros(())
         return torch.stack(losses).mean()
 
     def __call__(self, task_loss: torch.Tensor) -> LossTerms:
@@ -241,9 +239,9 @@ class GateRegularizer:
 def config_with(preset: str, **overrides: Any) -> RegularizerConfig:
     """A preset with some fields changed, e.g. ``config_with("balanced", target=0.65)``."""
     if preset not in PRESETS:
-        raise GateifyError(f"unknown preset {preset!r}; use one of {sorted(PRESETS)}.")
+        raise GateConfigError(f"unknown preset {preset!r}; use one of {sorted(PRESETS)}.")
     known = {f.name for f in fields(RegularizerConfig)}
     unknown = set(overrides) - known
     if unknown:
-        raise GateifyError(f"unknown regulariser fields {sorted(unknown)}; known: {sorted(known)}.")
+        raise GateConfigError(f"unknown regulariser fields {sorted(unknown)}; known: {sorted(known)}.")
     return replace(PRESETS[preset], **overrides)

@@ -16,46 +16,39 @@ Which blocks to remove for a FLOPs target is chosen by :func:`select_blocks`:
 from __future__ import annotations
 
 from itertools import islice
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .accounting import _device, _keep_rates, _modes, flops
-from .conversion import gates, restore_training_flags, training_flags
-from .errors import GateifyError, NotConvertedError
+from .accounting import CostModel, FlopsReport, flops
+from .errors import GateifyError
+from .modes import gate_mode, keep_rates, model_device, require_gates, restore_training_flags, training_flags
 
 __all__ = ["set_static", "select_blocks", "static_twin", "static_flops_fraction", "seed_gates"]
 
 
-def _gates(model: nn.Module):
-    found = gates(model)
-    if not found:
-        raise NotConvertedError("static pruning works on converted models; call gateify.convert(model) first.")
-    return found
+def _check_names(keep: Mapping[str, bool], found: Mapping[str, object]) -> None:
+    unknown = set(keep) - set(found)
+    if unknown:
+        raise GateifyError(f"keep names unknown blocks {sorted(unknown)}; blocks are {list(found)}.")
 
 
 def set_static(model: nn.Module, keep: Mapping[str, bool]) -> nn.Module:
     """Put every gate in ``"static"`` mode with ``keep[block]`` (blocks not named are kept). Returns ``model``."""
-    found = _gates(model)
-    unknown = set(keep) - set(found)
-    if unknown:
-        raise GateifyError(f"keep names unknown blocks {sorted(unknown)}; blocks are {list(found)}.")
+    found = require_gates(model, "set_static")
+    _check_names(keep, found)
     for name, gate in found.items():
         gate.static_keep.fill_(bool(keep.get(name, True)))
         gate.mode = "static"
     return model
 
 
-def _costs(model: nn.Module, loader: Iterable) -> tuple[dict[str, float], float]:
-    report = flops(model, loader, max_batches=1)
-    return {b.name: b.branch_flops for b in report.blocks}, report.dense_flops
-
-
-def static_flops_fraction(costs: Mapping[str, float], dense_flops: float, keep: Mapping[str, bool]) -> float:
-    """Executed FLOPs fraction of a static selection (no controller runs in static mode)."""
-    return (dense_flops - sum(c for name, c in costs.items() if not keep.get(name, True))) / dense_flops
+def static_flops_fraction(costs: Union[CostModel, FlopsReport], keep: Mapping[str, bool]) -> float:
+    """Executed FLOPs / dense of the static selection ``keep`` (no controller runs in static mode)."""
+    model = costs if isinstance(costs, CostModel) else CostModel.from_report(costs)
+    return model.static_fraction(keep)
 
 
 def _loss(model: nn.Module, batches: list, device: torch.device) -> float:
@@ -73,15 +66,16 @@ def select_blocks(model: nn.Module, loader: Iterable, target: float, *, criterio
     """Which blocks to keep so that executed FLOPs are at most ``target`` x dense (see module doc).
 
     Args:
-        loader: ``(images, labels)`` batches (training data, not the test set); max_batches: how many to use.
+        loader: ``(images, labels)`` batches (training or validation data, never the test set); max_batches: how
+            many to use.
         criterion: ``"loss"`` or ``"keep_rate"``.
         nearest: stop at whichever of the last two selections (just above / at or below the target) is closer to
             it, instead of always at or below: for comparisons at equal FLOPs.
 
     Returns:
-        ``{block: keep}``; the model's modes are left as they were.
+        ``{block: keep}``; the model's modes, decisions and train flags are left as they were.
     """
-    found = _gates(model)
+    found = require_gates(model, "select_blocks")
     if criterion not in ("loss", "keep_rate"):
         raise GateifyError(f"criterion={criterion!r}; use 'loss' or 'keep_rate'.")
     batches = list(islice(loader, max_batches))
@@ -90,19 +84,19 @@ def select_blocks(model: nn.Module, loader: Iterable, target: float, *, criterio
     before = {name: (g.mode, bool(g.static_keep)) for name, g in found.items()}
     flags = training_flags(model)
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     try:
-        costs, dense = _costs(model, [x for x, _ in batches])
+        costs = CostModel.from_report(flops(model, [x for x, _ in batches[:1]]))
         keep = {name: True for name in found}
-        floor = static_flops_fraction(costs, dense, {name: False for name in found})
+        floor = costs.static_fraction({name: False for name in found})
         if target < floor:
             raise GateifyError(f"target={target} is below {floor:.3f}, the FLOPs left with every block removed.")
         if criterion == "keep_rate":
-            with _modes(model, "hard"):
-                rates = _keep_rates(model, batches)
+            with gate_mode(model, "hard"):
+                rates = keep_rates(model, batches)
             order = sorted(found, key=lambda name: rates[name])
         previous = dict(keep)
-        while static_flops_fraction(costs, dense, keep) > target:
+        while costs.static_fraction(keep) > target:
             previous = dict(keep)
             if criterion == "keep_rate":
                 victim = next(name for name in order if keep[name])
@@ -113,27 +107,21 @@ def select_blocks(model: nn.Module, loader: Iterable, target: float, *, criterio
                     trials[name] = _loss(model, batches, device)
                 victim = min(trials, key=trials.get)
             keep[victim] = False
-        if nearest and (abs(static_flops_fraction(costs, dense, previous) - target)
-                        < abs(static_flops_fraction(costs, dense, keep) - target)):
+        if nearest and abs(costs.static_fraction(previous) - target) < abs(costs.static_fraction(keep) - target):
             return previous
         return keep
     finally:
         for name, gate in found.items():
-            gate.mode, _ = before[name]
+            gate.mode = before[name][0]
             gate.static_keep.fill_(before[name][1])
         restore_training_flags(model, flags)
 
 
 def static_twin(model: nn.Module, loader: Iterable, *, max_batches: Optional[int] = None) -> dict[str, bool]:
     """Each block's majority hard decision on ``loader``: keep it iff the gate keeps at least half the samples."""
-    _gates(model)
-    flags = training_flags(model)
-    model.eval()
-    try:
-        with _modes(model, "hard"):
-            rates = _keep_rates(model, islice(loader, max_batches))
-    finally:
-        restore_training_flags(model, flags)
+    require_gates(model, "static_twin")
+    with gate_mode(model, "hard"):
+        rates = keep_rates(model, loader, max_batches=max_batches)
     return {name: rate >= 0.5 for name, rate in rates.items()}
 
 
@@ -145,12 +133,14 @@ def seed_gates(model: nn.Module, keep: Mapping[str, bool], confidence: float = 0
     only move away from it where per-sample routing lowers the loss. The controller's output weights are zeroed so
     that every sample starts with the same decision; its first layer is untouched.
     """
-    found = _gates(model)
+    found = require_gates(model, "seed_gates")
     if not 0.5 < confidence < 1.0:
         raise GateifyError(f"confidence={confidence} must lie in (0.5, 1).")
-    unknown = set(keep) - set(found)
-    if unknown:
-        raise GateifyError(f"keep names unknown blocks {sorted(unknown)}; blocks are {list(found)}.")
+    _check_names(keep, found)
+    cir = [name for name, g in found.items() if not g.scorer.decides_from_input]
+    if cir:
+        raise GateifyError(f"seed_gates sets controllers, and gates {cir[:3]} are CIR gates; convert with "
+                           f"gate='controller'.")
     logit = float(torch.logit(torch.tensor(confidence)))
     with torch.no_grad():
         for name, gate in found.items():

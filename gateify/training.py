@@ -25,19 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .conversion import gates, restore_training_flags, training_flags
-from .errors import GateifyError
-from .io import _check_fits, atomic_save, read_safetensors
+from .errors import TrainingError
+from .io import atomic_save, check_fits, read_safetensors
+from .modes import gates, evaluating, unwrap
 from .regularizer import GateRegularizer
 
-__all__ = ["TrainConfig", "TrainingError", "Checkpoint", "EvalResult", "evaluate", "fit", "distill_loss",
-           "make_optimizer"]
+__all__ = ["TrainConfig", "Checkpoint", "EvalResult", "evaluate", "fit", "distill_loss", "make_optimizer"]
 
 _logger = logging.getLogger(__name__)
-
-
-class TrainingError(GateifyError):
-    """Training cannot go on (e.g. the loss became NaN); the message says what is kept and what to try."""
 
 
 @dataclass
@@ -121,7 +116,7 @@ class Checkpoint:
             raise TrainingError(f"'{self.path}' is not a gateify training checkpoint ({type(e).__name__}: {e}); "
                                 f"delete it to start over, or point --out at another folder.") from e
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        _check_fits(model, model_state, self.path, hint="Was it written with other --model/--dataset flags? Delete "
+        check_fits(model, model_state, self.path, hint="Was it written with other --model/--dataset flags? Delete "
                     "it to start over, or point --out at another folder.")  # before anything is copied
         model.load_state_dict(model_state, strict=True)
         if optimizer is not None:
@@ -178,22 +173,18 @@ class EvalResult:
 
 
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, channels_last: bool = False) -> EvalResult:
-    """Accuracy in eval mode (hard gates for a gated model), with every sample's gate decisions."""
-    module = getattr(model, "module", model)
+    """Accuracy as inference computes it, with every sample's gate decisions: in ``eval()``, gates in ``"auto"`` or
+    ``"gumbel"`` mode evaluated in ``"hard"`` mode (``"hard"``, ``"dense"``, ``"static"`` gates as they are)."""
+    module = unwrap(model)
     found = gates(module)
-    flags = training_flags(module)
-    module.eval()
     labels, preds, decisions = [], [], []
-    try:
-        with torch.no_grad():
-            for x, y in loader:
-                x = x.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-                preds.append(module(x).argmax(1).cpu())
-                labels.append(y.cpu())
-                if found:
-                    decisions.append(torch.stack([g.last.gate.detach().bool().cpu() for g in found.values()], 1))
-    finally:
-        restore_training_flags(module, flags)
+    with torch.no_grad(), evaluating(module):
+        for x, y in loader:
+            x = x.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            preds.append(module(x).argmax(1).cpu())
+            labels.append(y.cpu())
+            if found:
+                decisions.append(torch.stack([g.last.gate.detach().bool().cpu() for g in found.values()], 1))
     labels_t, preds_t = torch.cat(labels), torch.cat(preds)
     return EvalResult(float((labels_t == preds_t).float().mean()), labels_t, preds_t,
                       torch.cat(decisions) if decisions else None, list(found))
@@ -236,7 +227,7 @@ def fit(
     start = 0
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     if resume and checkpoint is not None and checkpoint.exists():
-        start, info = checkpoint.load(getattr(model, "module", model), optimizer)
+        start, info = checkpoint.load(unwrap(model), optimizer)
         if info.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(info["scaler"])
         _logger.info("resumed from '%s' after epoch %d", checkpoint.path, start)
@@ -246,12 +237,16 @@ def fit(
     history: list[dict[str, float]] = []
     if teacher is not None:
         teacher.eval()
+    # modules the caller put in eval() inside a model in train() (a frozen BatchNorm) stay in eval() every epoch
+    frozen = [m for m in model.modules() if not m.training] if model.training else []
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # Gumbel noise and augmentation: same draws after a resume
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         model.train()
+        for m in frozen:
+            m.training = False
         totals = {"loss": 0.0, "task": 0.0, "flops_term": 0.0, "consistency": 0.0, "flops_fraction": 0.0,
                   "correct": 0.0, "seen": 0.0}
         bar = tqdm(train_loader, desc=f"{progress_desc} {epoch + 1}/{cfg.epochs}", leave=False,
@@ -303,12 +298,12 @@ def fit(
             stats.update(flops_weight=regularizer.flops_weight, tau=regularizer.schedule(progress)["tau"],
                          noise=regularizer.schedule(progress)["noise"])
         if dist.is_initialized():  # DDP syncs gradients, not BatchNorm statistics: take rank 0's everywhere
-            for buffer in getattr(model, "module", model).buffers():
+            for buffer in unwrap(model).buffers():
                 dist.broadcast(buffer, 0)
         if on_epoch_end is not None:
             stats.update(on_epoch_end(epoch, stats))
         if checkpoint is not None and _is_main():
-            checkpoint.save(getattr(model, "module", model), optimizer, epoch + 1,
+            checkpoint.save(unwrap(model), optimizer, epoch + 1,
                             {"stats": stats, "scaler": scaler.state_dict()})
         if dist.is_initialized():
             dist.barrier()

@@ -66,7 +66,8 @@ def test_calibrate_hits_target_on_fixed_batch(resnet20, target):
     report = gateify.flops(gated.eval(), x)
     assert abs(report.executed_fraction - target) <= 0.02
     assert all(float(g.threshold) == threshold for g in gateify.gates(gated).values())
-    assert gated.state_dict()["layer1.0.gate.threshold"] == threshold  # saved with the weights
+    # saved with the weights, as the float32's bits
+    assert gated.state_dict()["layer1.0.gate.threshold_bits"].view(torch.float32) == threshold
 
 
 def test_calibrate_refuses_unreachable_target(resnet20, cifar_batch):

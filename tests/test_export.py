@@ -88,8 +88,8 @@ def test_thresholds_stay_buffers_of_the_exported_program(gated, exported, thresh
     module = copy.deepcopy(exported.module())  # its buffers share memory with the program's state dict
     eager = copy.deepcopy(gated)
     for name, buffer in module.named_buffers():
-        if name.endswith("gate.threshold"):
-            buffer.fill_(threshold)
+        if name.endswith("gate.threshold_bits"):
+            buffer.view(torch.float32).fill_(threshold)
     gateify.set_mode(eager, "hard", threshold=threshold)
     decisions = assert_matches(module, eager, batch(8, 6))
     assert decisions.all() if expect else not decisions.any()

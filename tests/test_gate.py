@@ -127,5 +127,16 @@ def test_cir_gate_decides_from_cir_and_saves_nothing(resnet20, cifar_batch):
         h.remove()
     assert set(seen.values()) == {len(cifar_batch)}  # F(x) runs for every sample: the decision needs it
     for gate in gateify.gates(gated).values():
-        expected = torch.sigmoid(gate.cir_scale * (gate.last.cir - gate.cir_offset))
-        assert torch.allclose(gate.last.keep_prob, expected)
+        assert torch.equal(gate.last.gate.bool(), gate.last.keep_prob >= gate.threshold)
+        assert not hasattr(gate, "controller")  # nothing unused for DDP to wait on
+
+
+def test_cir_scorer_keeps_branches_that_add_information():
+    scorer = gateify.CIRScorer(8, gateify.GateConfig(gate="cir"))
+    with torch.no_grad():
+        scorer.scale.fill_(4.0)
+        scorer.offset.fill_(0.5)
+    s = torch.randn(3, 8, 4, 4)
+    # a rescaling branch (CIR 0) -> 4 * (0 - 0.5); a reversing one (CIR 2) -> 4 * (2 - 0.5)
+    assert torch.allclose(scorer.keep_logit(s, s, 2.5 * s), torch.full((3,), -2.0), atol=1e-5)
+    assert torch.allclose(scorer.keep_logit(s, s, -s), torch.full((3,), 6.0), atol=1e-5)

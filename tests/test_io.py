@@ -329,9 +329,9 @@ def test_shape_mismatch(r20_file):
 
 
 def test_missing_keys(victim, r20_file, tmp_path):
-    path = rewrite(r20_file, tmp_path / "missing.safetensors", drop=["layer2.1.gate.threshold"])
+    path = rewrite(r20_file, tmp_path / "missing.safetensors", drop=["layer2.1.gate.threshold_bits"])
     message = refused(victim, "the file lacks 1 keys", path)
-    assert "layer2.1.gate.threshold" in message
+    assert "layer2.1.gate.threshold_bits" in message
 
 
 def test_unexpected_keys(victim, r20_file, tmp_path):

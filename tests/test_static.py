@@ -29,8 +29,7 @@ def test_static_mode_closes_exactly_the_chosen_blocks(resnet20, cifar_batch):
     assert all(size == len(cifar_batch) for size in seen.values())
     report = gateify.flops(gated, cifar_batch)
     assert report.gate_flops == 0  # no controller runs in static mode
-    costs = {b.name: b.branch_flops for b in report.blocks}
-    assert report.executed_fraction == pytest.approx(static_flops_fraction(costs, report.dense_flops, REMOVED))
+    assert report.executed_fraction == pytest.approx(static_flops_fraction(report, REMOVED))
     for b in report.blocks:
         assert b.keep_rate == (0.0 if b.name in REMOVED else 1.0)
     # the same as a hard gate that skips those blocks for everyone
@@ -45,13 +44,12 @@ def test_selector_hits_target_within_one_block(resnet20, target):
     gated = gateify.convert(resnet20)
     keep = gateify.select_blocks(gated, labelled(), target)
     report = gateify.flops(gated.eval(), labelled()[0][0])
-    costs = {b.name: b.branch_flops for b in report.blocks}
-    fraction = static_flops_fraction(costs, report.dense_flops, keep)
+    fraction = static_flops_fraction(report, keep)
     assert fraction <= target
-    assert target - fraction <= max(costs.values()) / report.dense_flops
+    assert target - fraction <= max(b.branch_flops for b in report.blocks) / report.dense_flops
     assert all(g.mode == "auto" for g in gateify.gates(gated).values())  # selection leaves modes alone
     near = gateify.select_blocks(gated, labelled(), target, nearest=True)
-    assert abs(static_flops_fraction(costs, report.dense_flops, near) - target) <= abs(fraction - target)
+    assert abs(static_flops_fraction(report, near) - target) <= abs(fraction - target)
 
 
 def test_selector_by_keep_rate_removes_least_kept_blocks(resnet20, cifar_batch):
