@@ -1,4 +1,5 @@
-"""Every gating variant tried, from one dense model, with the same fine-tuning budget; a markdown table out.
+"""Every per-block gating variant tried (controller gates, the CosineGate family), from one dense model, with the same
+fine-tuning budget; a markdown table out.
 
 Each row is one run of examples/finetune_cifar.py (its exact command is in the table) starting from the same
 dense weights, for the same epochs, optimiser, distillation and data. The static-pruning and dense-continued
@@ -61,7 +62,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     common = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--model", args.model, "--dense-epochs",
               str(args.dense_epochs), "--epochs", str(args.epochs), "--seed", str(args.seed), "--workers",
-              str(args.workers), "--no-plots"] + (["--device", args.device] if args.device else [])
+              str(args.workers), "--no-plots", "--method", "gated"] + (["--device", args.device] if args.device else [])
     finetune = finetune_cifar.build_parser()
     os.makedirs(args.out, exist_ok=True)
     init = args.init

@@ -1,21 +1,31 @@
-"""Latency of dense vs masked vs real-skip gating, at forced keep fractions, next to executed FLOPs.
+"""Cost curves of real skipping: latency saved against FLOPs saved, and the price of a gate, by batch and depth.
 
-For each model / input / batch: the original dense model, then the converted model in hard mode with the gate
-decisions forced to keep a fraction of the work (1.0, 0.75, 0.5, 0.25), timed two ways:
+For each setting (model, input size, batch, eager or compiled, fp32 or bf16/fp16 autocast, NCHW or channels_last)
+the source model (``dense``) is timed, interleaved, against its converted model in hard mode with the decisions:
 
-* ``masked``: every branch runs on the whole batch and is multiplied by the 0/1 decision (what published
-  dynamic-depth code does),
-* ``skip``: gateify's hard mode: the branch runs on the kept sub-batch only,
-* ``ideal`` (batch 1 only): the same blocks removed outright (gateify's static mode: no controller, no gather),
-  the latency a zero-overhead skip would reach; where ``skip`` falls short of 1.0, this row shows how much of the
-  gap is overhead and how much is the work FLOPs do not count (BatchNorm, activations, op dispatch).
+* ``open``: every gate open (the controllers run, every branch runs): what a gate costs;
+* ``half`` / ``quarter``: each block keeps a random half / quarter of the samples (batch 1: an evenly spread half /
+  quarter of the blocks);
+* ``uneven``: the decisions of a calibrated model: random controllers, one threshold set by ``gateify.calibrate`` for
+  half the FLOPs on a calibration batch, so some blocks keep most samples and some few, as trained gates do;
+* ``ideal`` (eager, batch 1): the same blocks removed outright (static mode: no controller, no gather), the latency a
+  free gate would reach; ``masked`` (``--masked``): every branch on the whole batch, multiplied by the decision
+  (what published dynamic-depth code does).
 
-The controllers run in both (their cost is real); only their outputs are overridden. Executed FLOPs are counted
-by ``gateify.flops`` on the same forced decisions. ``ratio = latency_saved / flops_saved`` (1.0 is the physical
-limit; masking gets about 0).
+Decisions are forced honestly: the controllers run as they always do (and are counted). A block whose forced
+decision is the same for every sample gets it from its own controller weights (output weight 0, bias +-10: no
+extra op); a block that splits the batch has its controller's output overwritten in place (one extra op per gate,
+charged to gateify). Compiled settings compile one gated model (``gateify.compile``) and switch its forced decisions
+between calls, untimed; the dense model is compiled with plain ``torch.compile``. Executed FLOPs come from one
+``gateify.flops`` count and the cost model (FLOPs are linear in the kept samples), controllers included.
 
-    python benchmarks/latency.py --json out.json              # the default set, CPU, 2 threads (~5 min)
-    python benchmarks/latency.py --device cuda --amp --channels-last --json gpu.json
+``ratio = latency saved / FLOPs saved`` (1.0: every FLOP saved is time saved); ``ideal ratio`` the same for the
+blocks removed outright; ``gate us`` = (open - dense) / number of gates, the price of one open gate.
+
+    python benchmarks/latency.py --json latency.json          # default grid, CPU, 2 threads; writes latency.png too
+    python benchmarks/latency.py --cases resnet20:32:1 resnet50:224:32          # eager fp32, these cases only
+    python benchmarks/latency.py --grid curves --json curves.json   # 5 models x batch 1..256, eager and compiled
+    python benchmarks/latency.py --device cuda --amp --channels-last --compile --json gpu.json
 """
 
 from __future__ import annotations
@@ -25,20 +35,62 @@ import copy
 import ctypes
 import json
 import logging
+import math
 import platform
-from dataclasses import asdict, dataclass
-from typing import Optional
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
 
 import timm
 import torch
+from torch import nn
 
 import gateify
-from gateify.timing import measure_latency
+from gateify.accounting import CostModel
+from gateify.timing import measure_latency_spread
 
 _logger = logging.getLogger("latency")
 
-CASES = (("resnet20", 32, 1), ("resnet20", 32, 128), ("resnet50", 224, 1), ("resnet50", 224, 32))
-KEEPS = (1.0, 0.75, 0.5, 0.25)
+CIFAR, IMAGENET = 32, 224
+SIZES = {"resnet20": CIFAR, "resnet56": CIFAR, "resnet50": IMAGENET, "resnet101": IMAGENET, "resnet152": IMAGENET}
+BATCHES = (1, 8, 32, 128, 256)
+FORCED = {"open": 1.0, "half": 0.5, "quarter": 0.25}
+UNEVEN_TARGET = 0.5  # calibrated FLOPs fraction of the uneven decisions
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One timed comparison: a model at an input size and batch, run one way."""
+
+    model: str
+    input: int
+    batch: int
+    mode: str = "eager"  # eager | compiled
+    precision: str = "fp32"  # fp32 | amp (bfloat16 autocast on a CPU, float16 on CUDA)
+    layout: str = "nchw"  # nchw | nhwc (channels_last model and input)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.input}^2 b{self.batch} {self.mode} {self.precision} {self.layout}"
+
+
+# About 4 minutes on 2 CPU cores (3.5 min measured with 1 thread beside another job, inductor's cache warm; a cold
+# cache adds about a minute): fp32 eager by batch and depth, compiled, autocast and channels_last samples.
+DEFAULT_GRID = (
+    *(Setting("resnet20", CIFAR, b) for b in (1, 8, 32, 128, 256)),
+    *(Setting("resnet56", CIFAR, b) for b in (1, 32)),
+    Setting("resnet50", IMAGENET, 1), Setting("resnet50", IMAGENET, 32),
+    Setting("resnet20", CIFAR, 1, mode="compiled"), Setting("resnet20", CIFAR, 32, mode="compiled"),
+    Setting("resnet20", CIFAR, 32, precision="amp"), Setting("resnet50", IMAGENET, 1, precision="amp"),
+    Setting("resnet20", CIFAR, 32, layout="nhwc"), Setting("resnet50", IMAGENET, 1, layout="nhwc"),
+)
+
+
+def curves_grid(modes: tuple[str, ...] = ("eager", "compiled")) -> tuple[Setting, ...]:
+    """Every model at every batch (hours on 2 CPU cores; minutes on a GPU)."""
+    return tuple(Setting(m, s, b, mode) for mode in modes for m, s in SIZES.items() for b in BATCHES)
 
 
 @dataclass
@@ -46,112 +98,132 @@ class Row:
     model: str
     input: int
     batch: int
-    variant: str  # dense | masked | skip | ideal
-    keep: float
+    mode: str
+    precision: str
+    layout: str
+    variant: str  # dense | open | half | quarter | uneven | ideal-<variant> | masked-<variant>
+    keep: float  # fraction of samples kept, averaged over blocks
     latency_ms: float
+    latency_q1_ms: float
+    latency_q3_ms: float
     dense_macs: float  # per sample
-    executed_macs: float  # per sample, as counted by gateify.flops on the same run (controllers included)
+    executed_macs: float  # per sample, controllers included
     flops_saved: float
     latency_saved: float
     ratio: Optional[float]
+    gates: int
+    block_keep: list[float] = field(default_factory=list)  # per block, in execution order
 
 
-def forced_logits(num_gates: int, batch: int, keep: float, seed: int = 0) -> list[torch.Tensor]:
-    """Per gate, +10 (keep) / -10 (skip) logits: a random round(keep*B) subset per block, or for B = 1 an evenly
-    spread subset of blocks."""
+@dataclass
+class Curve:
+    """One setting summarised: the price of a gate and how much of the FLOPs saved became time saved."""
+
+    model: str
+    input: int
+    batch: int
+    mode: str
+    precision: str
+    layout: str
+    gates: int
+    dense_ms: float
+    open_overhead: float  # (open - dense) / dense
+    gate_us: float  # (open - dense) / gates, microseconds
+    ratio_half: Optional[float]
+    ratio_quarter: Optional[float]
+    ratio_uneven: Optional[float]
+    ideal_ratio_half: Optional[float] = None
+    ideal_ratio_uneven: Optional[float] = None
+
+
+# --- decisions ----------------------------------------------------------------------------------------------------
+
+def forced_masks(num_gates: int, batch: int, keep: float, seed: int = 0) -> list[torch.Tensor]:
+    """Per gate, a ``(B,)`` bool mask: a random ``round(keep * B)`` subset per block, or for ``B = 1`` an evenly
+    spread ``keep`` fraction of the blocks."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(num_gates):
         if batch == 1:
-            kept = int((i + 1) * keep) - int(i * keep) == 1
-            mask = torch.tensor([kept])
+            out.append(torch.tensor([int((i + 1) * keep) - int(i * keep) == 1]))
         else:
             mask = torch.zeros(batch, dtype=torch.bool)
             mask[torch.randperm(batch, generator=g)[: round(keep * batch)]] = True
-        out.append(torch.where(mask, 10.0, -10.0))
+            out.append(mask)
     return out
 
 
-def force(gated: torch.nn.Module, logits: list[torch.Tensor], masked: bool) -> None:
-    """Override each gate's decision (the controller still runs) and, if ``masked``, how the branch is applied."""
-    for gate, forced in zip(gateify.gates(gated).values(), logits):
-        real = type(gate.controller).forward.__get__(gate.controller)
-
-        def logit(x: torch.Tensor, real=real, forced=forced) -> torch.Tensor:
-            return real(x) * 0 + forced.to(x.device)
-
-        gate.controller.forward = logit  # the controller still runs (and is counted); its output is overridden
-        if masked:
-            def forward(shortcut, inputs, params, gate=gate):
-                keep = torch.sigmoid(gate.controller(inputs[gate.ctrl_index])) >= gate.threshold
-                return shortcut + keep.view(-1, 1, 1, 1).to(shortcut.dtype) * gate.branch(*inputs, *params)
-
-            gate.forward = forward
-        elif "forward" in gate.__dict__:
-            del gate.forward
+def randomise_controllers(gated: nn.Module, seed: int = 0) -> nn.Module:
+    """Controllers with random weights (as after training, each block's keep logits spread and offset its own way)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in gateify.gates(gated).values():
+            fc1, fc2 = gate.controller.fc1, gate.controller.fc2
+            fc1.weight.copy_(torch.randn(fc1.weight.shape, generator=g) * 3.0)
+            fc1.bias.copy_(torch.randn(fc1.bias.shape, generator=g))
+            fc2.weight.copy_(torch.randn(fc2.weight.shape, generator=g))
+            fc2.bias.zero_()
+    return gated
 
 
-def run_case(name: str, size: int, batch: int, args: argparse.Namespace, device: torch.device) -> list[Row]:
-    torch.manual_seed(0)
-    model = timm.create_model(name, zero_init_last=False).eval()  # non-degenerate branches, as after training
-    gated = gateify.convert(model).eval()
-    gateify.set_mode(gated, "hard")
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    gated = gated.to(device, memory_format=memory_format)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
-    gate_count = len(gateify.gates(gated))
-
-    # one model per variant, its decisions forced once, so that the timed calls can be interleaved
-    models: dict[tuple[str, float], torch.nn.Module] = {("dense", 1.0): model}
-    for keep in KEEPS:
-        logits = forced_logits(gate_count, batch, keep)
-        for variant in ["masked", "skip"] + (["ideal"] if batch == 1 else []):
-            m = copy.deepcopy(gated)
-            force(m, logits, masked=variant == "masked")
-            if variant == "ideal":  # the same blocks removed outright: no controller, no gate logic
-                for gate, forced in zip(gateify.gates(m).values(), logits):
-                    gate.static_keep.fill_(bool(forced[0] > 0))
-                gateify.set_mode(m, "static")
-            models[(variant, keep)] = m
-    reports = {key: gateify.flops(m, x) for key, m in models.items()}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16,
-                              enabled=args.amp)
-    with torch.inference_mode(), autocast:
-        latency = measure_latency({key: (lambda m=m: m(x)) for key, m in models.items()}, device, args.warmup,
-                        args.repeats if batch > 1 else args.repeats * 4)  # small runs are noisier
-
-    if args.profile:  # where the time of the gated forward goes, next to the dense one
-        from torch.profiler import ProfilerActivity, profile
-
-        for key in (("dense", 1.0), ("skip", 0.5)):
-            with torch.inference_mode(), autocast, profile(activities=[ProfilerActivity.CPU]) as prof:
-                models[key](x)
-            print(f"\n{name} {size}^2 batch {batch}, {key[0]} keep {key[1]}: ops by self CPU time")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
-    dense_ms, dense_macs = latency[("dense", 1.0)], reports[("dense", 1.0)].dense_macs
-    rows = []
-    for (variant, keep), ms in latency.items():
-        executed = reports[(variant, keep)].executed_macs
-        saved = 1 - executed / dense_macs
-        latency_saved = 1 - ms / dense_ms
-        ratio = latency_saved / saved if saved > 0.01 else None
-        rows.append(Row(name, size, batch, variant, keep, ms, dense_macs, executed, saved, latency_saved, ratio))
-        _logger.info("%s %d^2 b%d %-6s keep %.2f: %8.2f ms  flops saved %5.1f%%  latency saved %5.1f%%",
-                     name, size, batch, variant, keep, ms, 100 * saved, 100 * latency_saved)
-    return rows
+_THRESHOLDS: dict[str, float] = {}  # model name -> calibrated threshold: calibrate once per model, not per setting
 
 
-def table(rows: list[Row]) -> str:
-    lines = [f"{'model':<9}{'input':>6}{'batch':>6}  {'variant':<7}{'keep':>5}{'latency ms':>12}"
-             f"{'exec MMACs/img':>16}{'FLOPs saved':>12}{'time saved':>11}{'ratio':>7}"]
-    for r in rows:
-        ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
-        lines.append(f"{r.model:<9}{r.input:>6}{r.batch:>6}  {r.variant:<7}{r.keep:>5.2f}{r.latency_ms:>12.2f}"
-                     f"{r.executed_macs / 1e6:>16.2f}{100 * r.flops_saved:>11.1f}%{100 * r.latency_saved:>10.1f}%"
-                     f"{ratio:>7}")
-    return "\n".join(lines)
+def uneven_masks(gated: nn.Module, name: str, x: torch.Tensor, calibration: torch.Tensor) -> list[torch.Tensor]:
+    """The decisions on ``x`` of a calibrated copy of ``gated``: random controllers, one threshold for every gate
+    chosen by ``gateify.calibrate`` so that ``calibration`` runs ``UNEVEN_TARGET`` of the dense FLOPs."""
+    model = randomise_controllers(copy.deepcopy(gated))
+    if name not in _THRESHOLDS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", gateify.GateifyWarning)  # random controllers may miss it a little
+            _THRESHOLDS[name] = gateify.calibrate(model, calibration, target=UNEVEN_TARGET, steps=16, tolerance=0.02)
+    gateify.set_mode(model, "hard", threshold=_THRESHOLDS[name])
+    with torch.no_grad(), gateify.record_decisions(model):
+        model(x)
+        return [g.last.gate.detach().cpu().bool() for g in gateify.gates(model).values()]
 
+
+def force(gated: nn.Module, masks: list[torch.Tensor]) -> None:
+    """Give each gate of ``gated`` the decisions ``masks`` while its controller still runs (see module doc)."""
+    for gate, mask in zip(gateify.gates(gated).values(), masks):
+        c = gate.controller
+        c.__dict__.pop("forward", None)
+        if bool(mask.all()) or not bool(mask.any()):  # one decision for the batch: the controller's own weights
+            with torch.no_grad():
+                c.fc2.weight.zero_()
+                c.fc2.bias.fill_(10.0 if bool(mask.all()) else -10.0)
+        else:  # the real logits overwritten in place: one small extra op per gate
+            forced = torch.where(mask, 10.0, -10.0).to(c.fc2.bias.device)
+            real = type(c).forward.__get__(c)
+            c.forward = lambda x, real=real, forced=forced: real(x).copy_(forced)
+
+
+def force_switchable(gated: nn.Module, batch: int) -> list[torch.Tensor]:
+    """Every controller's output overwritten in place from a buffer (graph input under torch.compile): the returned
+    buffers switch the decisions of one compiled model between variants without recompiling."""
+    buffers = []
+    for gate in gateify.gates(gated).values():
+        c = gate.controller
+        c.register_buffer("forced", torch.full((batch,), 10.0, device=c.fc2.bias.device), persistent=False)
+        real = type(c).forward.__get__(c)
+        c.forward = lambda x, real=real, c=c: real(x).copy_(c.forced)
+        buffers.append(c.forced)
+    return buffers
+
+
+def mask_up(gated: nn.Module, masks: list[torch.Tensor]) -> None:
+    """``masked`` variant: every branch on the whole batch, times the forced decision."""
+    for gate, mask in zip(gateify.gates(gated).values(), masks):
+        m = mask.to(gate.threshold_bits.device)
+
+        def forward(shortcut, inputs, params, gate=gate, m=m):
+            gate.controller(inputs[gate.ctrl_index])  # the decision is computed (and paid for) as in hard mode
+            return shortcut + m.view(-1, *[1] * (shortcut.ndim - 1)).to(shortcut.dtype) * gate.branch(*inputs, *params)
+
+        gate.forward = forward
+
+
+# --- one setting --------------------------------------------------------------------------------------------------
 
 def tune_malloc() -> bool:
     """glibc only: keep freed memory for reuse instead of returning it to the OS (as jemalloc/tcmalloc, which
@@ -165,17 +237,239 @@ def tune_malloc() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def run_setting(s: Setting, args: argparse.Namespace, device: torch.device) -> list[Row]:
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if s.layout == "nhwc" else torch.contiguous_format
+    dense = timm.create_model(s.model, zero_init_last=False).eval()  # non-degenerate branches, as after training
+    gated = gateify.convert(copy.deepcopy(dense)).eval()
+    gateify.set_mode(gated, "hard")
+    dense = dense.to(device, memory_format=memory_format)
+    gated = gated.to(device, memory_format=memory_format)
+    x = torch.randn(s.batch, 3, s.input, s.input, device=device).contiguous(memory_format=memory_format)
+    calibration = torch.randn(16 if s.input <= CIFAR else 8, 3, s.input, s.input,
+                              generator=torch.Generator().manual_seed(1))
+    calibration = calibration.to(device).contiguous(memory_format=memory_format)
+    n = len(gateify.gates(gated))
+
+    masks = {name: forced_masks(n, s.batch, keep) for name, keep in FORCED.items()}
+    masks["uneven"] = uneven_masks(gated, s.model, x, calibration)
+    costs = CostModel.from_report(gateify.flops(gated, x[:1]))  # per sample; the same for any batch
+    names = list(gateify.gates(gated))
+
+    def keep_rates(variant: str) -> dict[str, float]:
+        return {name: float(m.float().mean()) for name, m in zip(names, masks[variant])}
+
+    fns: dict[str, Callable[[], object]] = {}
+    setups: dict[str, Callable[[], object]] = {}
+    executed: dict[str, float] = {"dense": costs.dense_flops}
+    if s.mode == "compiled":
+        torch._dynamo.reset()  # dense and gated models share their top-level code: start each setting afresh
+        compiled_dense = torch.compile(dense)
+        buffers = force_switchable(gated, s.batch)
+        compiled = gateify.compile(gated)
+        fns["dense"] = lambda: compiled_dense(x)
+        for variant in masks:
+            def setup(variant=variant) -> None:
+                for buf, m in zip(buffers, masks[variant]):
+                    buf.copy_(torch.where(m.to(buf.device), 10.0, -10.0))
+
+            setups[variant], fns[variant] = setup, (lambda: compiled(x))
+            executed[variant] = costs.fraction(keep_rates(variant)) * costs.dense_flops
+    else:
+        fns["dense"] = lambda: dense(x)
+        for variant in masks:
+            m = copy.deepcopy(gated)
+            force(m, masks[variant])
+            fns[variant] = lambda m=m: m(x)
+            executed[variant] = costs.fraction(keep_rates(variant)) * costs.dense_flops
+        if s.batch == 1:  # the same blocks removed outright
+            for variant in [v for v in masks if v != "open"]:
+                m = copy.deepcopy(gated)
+                gateify.set_static(m, {name: bool(k[0]) for name, k in zip(names, masks[variant])})
+                fns[f"ideal-{variant}"] = lambda m=m: m(x)
+                executed[f"ideal-{variant}"] = costs.static_fraction(
+                    {name: bool(k[0]) for name, k in zip(names, masks[variant])}) * costs.dense_flops
+        if args.masked:
+            for variant in [v for v in masks if v != "open"]:
+                m = copy.deepcopy(gated)
+                mask_up(m, masks[variant])
+                fns[f"masked-{variant}"] = lambda m=m: m(x)
+                executed[f"masked-{variant}"] = costs.fraction({}) * costs.dense_flops
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16,
+                              enabled=s.precision == "amp")
+    repeats = args.repeats * (4 if s.batch == 1 else 1)  # small runs are noisier
+    warmup = args.warmup + (2 if s.mode == "compiled" else 0)  # compiles (once per shape) inside the warmup
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast:
+        spread = measure_latency_spread(fns, device, warmup, repeats, setups)
+        if args.profile and s.mode == "eager":  # where the time of the gated forward goes, next to the dense one
+            from torch.profiler import ProfilerActivity, profile
+
+            for key in ("dense", "half"):
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    setups.get(key, lambda: None)()
+                    fns[key]()
+                print(f"\n{s.label}, {key}: ops by self CPU time")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    _logger.info("%s: timed in %.0f s", s.label, time.perf_counter() - start)
+
+    dense_ms = spread["dense"].median
+    rows = []
+    for variant, t in spread.items():
+        base = variant.split("-")[-1]
+        block_keep = list(keep_rates(base).values()) if base in masks else [1.0] * n
+        saved = 1 - executed[variant] / costs.dense_flops
+        latency_saved = 1 - t.median / dense_ms
+        ratio = latency_saved / saved if saved > 0.01 else None
+        rows.append(Row(s.model, s.input, s.batch, s.mode, s.precision, s.layout, variant,
+                        sum(block_keep) / len(block_keep) if variant != "dense" else 1.0, t.median, t.q1, t.q3,
+                        costs.dense_flops / 2, executed[variant] / 2, saved, latency_saved, ratio, n, block_keep))
+        _logger.info("%s %-16s %9.3f ms  FLOPs saved %5.1f%%  time saved %6.1f%%", s.label, variant, t.median,
+                     100 * saved, 100 * latency_saved)
+    return rows
+
+
+def curve(rows: list[Row]) -> Curve:
+    by = {r.variant: r for r in rows}
+    d, o = by["dense"], by["open"]
+
+    def ratio(key: str) -> Optional[float]:
+        return by[key].ratio if key in by else None
+
+    return Curve(d.model, d.input, d.batch, d.mode, d.precision, d.layout, d.gates, d.latency_ms,
+                 o.latency_ms / d.latency_ms - 1, 1000 * (o.latency_ms - d.latency_ms) / d.gates,
+                 ratio("half"), ratio("quarter"), ratio("uneven"), ratio("ideal-half"), ratio("ideal-uneven"))
+
+
+# --- output -------------------------------------------------------------------------------------------------------
+
+def _f(v: Optional[float], spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def rows_table(rows: list[Row]) -> str:
+    lines = [f"{'model':<10}{'input':>6}{'batch':>6} {'mode':<9}{'prec':<5}{'layout':<7}{'variant':<15}{'keep':>5}"
+             f"{'latency ms':>12}{'MMACs/img':>11}{'FLOPs saved':>12}{'time saved':>11}{'ratio':>7}"]
+    for r in rows:
+        lines.append(f"{r.model:<10}{r.input:>6}{r.batch:>6} {r.mode:<9}{r.precision:<5}{r.layout:<7}{r.variant:<15}"
+                     f"{r.keep:>5.2f}{r.latency_ms:>12.3f}{r.executed_macs / 1e6:>11.2f}{100 * r.flops_saved:>11.1f}%"
+                     f"{100 * r.latency_saved:>10.1f}%{_f(r.ratio, '.2f'):>7}")
+    return "\n".join(lines)
+
+
+def curves_table(curves: list[Curve]) -> str:
+    lines = ["ratio = time saved / FLOPs saved (1.0 = every FLOP saved is time saved); gate = (open - dense) / gates",
+             f"{'model':<10}{'input':>6}{'batch':>6} {'mode':<9}{'prec':<5}{'layout':<7}{'gates':>6}{'dense ms':>10}"
+             f"{'open':>8}{'gate us':>9}{'half':>7}{'quarter':>8}{'uneven':>8}{'ideal half':>11}{'ideal uneven':>13}"]
+    for c in curves:
+        lines.append(f"{c.model:<10}{c.input:>6}{c.batch:>6} {c.mode:<9}{c.precision:<5}{c.layout:<7}{c.gates:>6}"
+                     f"{c.dense_ms:>10.3f}{100 * c.open_overhead:>7.1f}%{c.gate_us:>9.1f}{_f(c.ratio_half, '.2f'):>7}"
+                     f"{_f(c.ratio_quarter, '.2f'):>8}{_f(c.ratio_uneven, '.2f'):>8}"
+                     f"{_f(c.ideal_ratio_half, '.2f'):>11}{_f(c.ideal_ratio_uneven, '.2f'):>13}")
+    return "\n".join(lines)
+
+
+def trends(curves: list[Curve]) -> str:
+    """How the ratio and the gate's price move with batch (per model) and with depth (per batch), in words."""
+    lines = []
+    groups: dict[tuple, list[Curve]] = {}
+    for c in curves:
+        groups.setdefault((c.model, c.input, c.mode, c.precision, c.layout), []).append(c)
+    for (model, size, mode, prec, layout), cs in groups.items():
+        if len(cs) < 2:
+            continue
+        cs = sorted(cs, key=lambda c: c.batch)
+        lines.append(f"{model} {size}^2 {mode} {prec} {layout}, batch {cs[0].batch} -> {cs[-1].batch}: gate "
+                     f"{cs[0].gate_us:.1f} -> {cs[-1].gate_us:.1f} us ({100 * cs[0].open_overhead:.1f}% -> "
+                     f"{100 * cs[-1].open_overhead:.1f}% of dense), ratio half {_f(cs[0].ratio_half, '.2f')} -> "
+                     f"{_f(cs[-1].ratio_half, '.2f')}, uneven {_f(cs[0].ratio_uneven, '.2f')} -> "
+                     f"{_f(cs[-1].ratio_uneven, '.2f')}")
+    by_batch: dict[tuple, list[Curve]] = {}
+    for c in curves:
+        by_batch.setdefault((c.batch, c.mode, c.precision, c.layout, c.input), []).append(c)
+    for (batch, mode, prec, layout, size), cs in by_batch.items():
+        if len(cs) < 2:
+            continue
+        cs = sorted(cs, key=lambda c: c.gates)
+        lines.append(f"depth at {size}^2 batch {batch} {mode} {prec} {layout}: " + ", ".join(
+            f"{c.model} ({c.gates} gates) open {100 * c.open_overhead:+.1f}%, half {_f(c.ratio_half, '.2f')}, "
+            f"uneven {_f(c.ratio_uneven, '.2f')}" for c in cs))
+    return "\n".join(lines)
+
+
+def plot(curves: list[Curve], path: Path) -> bool:
+    """Ratio (time saved / FLOPs saved) and open-gate overhead against batch, one line per model and way of running."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _logger.warning("matplotlib is not installed: no plot")
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    groups: dict[tuple, list[Curve]] = {}
+    for c in curves:
+        groups.setdefault((c.model, c.mode, c.precision, c.layout), []).append(c)
+    for (model, mode, prec, layout), cs in sorted(groups.items()):
+        cs = sorted(cs, key=lambda c: c.batch)
+        label = f"{model} {mode}" + (f" {prec}" if prec != "fp32" else "") + (f" {layout}" if layout != "nchw" else "")
+        batches = [c.batch for c in cs]
+        line, = left.plot(batches, [c.ratio_half if c.ratio_half is not None else math.nan for c in cs], "o-",
+                          label=f"{label}: half")
+        left.plot(batches, [c.ratio_uneven if c.ratio_uneven is not None else math.nan for c in cs], "s--",
+                  color=line.get_color(), label=f"{label}: uneven")
+        right.plot(batches, [100 * c.open_overhead for c in cs], "o-", color=line.get_color(), label=label)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.grid(True, alpha=0.3)
+    left.axhline(1.0, color="k", lw=0.8)
+    left.set_ylim(-0.5, 1.25)  # a noisy run can put a ratio far outside; the table has every value
+    left.set_ylabel("time saved / FLOPs saved")
+    left.set_title("real skipping: ratio (half: forced, uneven: calibrated)")
+    right.axhline(0.0, color="k", lw=0.8)
+    right.set_ylabel("every gate open: % over dense")
+    right.set_title("price of the gates")
+    left.legend(fontsize=6)
+    right.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def parse_cases(cases: list[str], args: argparse.Namespace) -> list[Setting]:
+    modes = ["eager", "compiled"] if args.compile else ["eager"]
+    out = []
+    for c in cases:
+        model, size, batch = c.split(":")
+        for mode in modes:
+            out.append(Setting(model, int(size), int(batch), mode, "amp" if args.amp else "fp32",
+                               "nhwc" if args.channels_last else "nchw"))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=9, help="timed repeats (x4 at batch 1); the median is kept")
-    parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--cases", nargs="*", default=None, help="MODEL:SIZE:BATCH, e.g. resnet20:32:128")
-    parser.add_argument("--json", default=None, help="write the rows and the setup here")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler op tables (dense, skip 0.5)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats (x4 at batch 1); the median is kept")
+    parser.add_argument("--grid", choices=["default", "curves", "curves-eager"], default="default",
+                        help="default: about 4 min on 2 CPU cores; curves: every model x batch 1..256, eager and "
+                             "compiled (hours on a CPU); curves-eager: the same, eager only")
+    parser.add_argument("--cases", nargs="*", default=None,
+                        help="MODEL:SIZE:BATCH instead of the grid, e.g. resnet20:32:128 (eager fp32 NCHW unless "
+                             "--compile / --amp / --channels-last)")
+    parser.add_argument("--compile", action="store_true", help="with --cases: also compiled (gateify.compile)")
+    parser.add_argument("--amp", action="store_true", help="with --cases: autocast (bfloat16 on CPU, float16 on CUDA)")
+    parser.add_argument("--channels-last", action="store_true", help="with --cases: channels_last model and input")
+    parser.add_argument("--masked", action="store_true", help="also time masking (every branch on the whole batch)")
+    parser.add_argument("--json", default=None, help="write the rows, curves and setup here (and a plot beside it)")
+    parser.add_argument("--plot", default=None, help="plot path (default: the --json path with .png)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler op tables (dense, half)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's allocator as it is (by default it is told to reuse freed memory)")
     args = parser.parse_args()
@@ -183,16 +477,36 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cases = CASES if not args.cases else [(m, int(s), int(b)) for m, s, b in (c.split(":") for c in args.cases)]
-    rows = [row for case in cases for row in run_case(*case, args, device)]
-    setup = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                 threads=args.threads, amp=args.amp, channels_last=args.channels_last, torch=torch.__version__,
-                 warmup=args.warmup, repeats=args.repeats, malloc=malloc, unit="MACs per image (1 MAC = 2 FLOPs)",
-                 gate_overhead="included in executed MACs and in latency")
-    print(f"\n{setup}\n{table(rows)}")
+    if args.cases:
+        settings = parse_cases(args.cases, args)
+    elif args.grid == "default":
+        settings = list(DEFAULT_GRID)
+    else:
+        settings = list(curves_grid(("eager", "compiled") if args.grid == "curves" else ("eager",)))
+    if device.type == "cuda" and not args.cases:  # a GPU runs every grid setting with AMP and channels_last too
+        settings = [replace(s, precision=p, layout=l) for s in settings if s.precision == "fp32" and s.layout == "nchw"
+                    for p in ("fp32", "amp") for l in ("nchw", "nhwc")]
+    start = time.perf_counter()
+    all_rows: list[Row] = []
+    curves: list[Curve] = []
+    for s in settings:
+        rows = run_setting(s, args, device)
+        all_rows += rows
+        curves.append(curve(rows))
+    cpu = platform.processor() or platform.machine()
+    setup = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu})",
+                 threads=args.threads, torch=torch.__version__, warmup=args.warmup, repeats=args.repeats,
+                 malloc=malloc, unit="MACs per image (1 MAC = 2 FLOPs)", uneven_target=UNEVEN_TARGET,
+                 gate_overhead="included in executed MACs and in latency",
+                 seconds=round(time.perf_counter() - start))
+    print(f"\n{setup}\n\n{rows_table(all_rows)}\n\n{curves_table(curves)}\n\n{trends(curves)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(setup=setup, rows=[asdict(r) for r in rows]), f, indent=2)
+            json.dump(dict(setup=setup, rows=[asdict(r) for r in all_rows], curves=[asdict(c) for c in curves]), f,
+                      indent=1)
+    plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if plot_path and plot(curves, Path(plot_path)):
+        print(f"plot: {plot_path}")
 
 
 if __name__ == "__main__":

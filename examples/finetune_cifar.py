@@ -35,11 +35,12 @@ from gateify.data import DATASETS, DataSplits, load_dataset
 from gateify.models import input_shape
 from gateify.regularizer import PRESETS, RegularizerConfig, config_with
 from gateify.static import seed_gates
-from gateify.training import Checkpoint, TrainConfig, evaluate, fit
+from gateify.training import Checkpoint, EvalResult, TrainConfig, evaluate, fit
+from safetensors.torch import save_file
 
 _logger = logging.getLogger("finetune")
 
-KINDS = {"none": "gated", "static": "static", "dense": "dense_continued"}
+BASELINES = {"static": "static", "dense": "dense_continued"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="cifar10", choices=DATASETS,
                       help="cifar10 (python-batch layout in --data-dir), folder (ImageFolder train/ and val/ or "
-                           "test/), digits (offline default: scikit-learn's real 8x8 digits, upsampled)")
+                           "test/), animals-c (the offline benchmark: animal-mnist silhouettes, 80%% corrupted at "
+                           "random severities), animals (the same, clean), digits (scikit-learn's 8x8 digits)")
     data.add_argument("--data-dir", default="data", help="dataset root (default: ./data)")
     data.add_argument("--download", action="store_true", help="fetch CIFAR-10 if missing (needs network)")
     data.add_argument("--input-size", type=int, default=None,
@@ -63,24 +65,38 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dense-epochs", type=int, default=160, help="dense training epochs when no --init is given")
     train.add_argument("--dense-lr", type=float, default=0.1)
     train.add_argument("--epochs", type=int, default=60, help="fine-tuning epochs (gated, static or dense)")
-    train.add_argument("--lr", type=float, default=0.02, help="fine-tuning learning rate (controllers get x10)")
+    train.add_argument("--lr", type=float, default=0.05, help="fine-tuning learning rate (controllers get x10)")
     train.add_argument("--batch-size", type=int, default=128, help="per process")
     train.add_argument("--weight-decay", type=float, default=5e-4)
+    train.add_argument("--grad-clip", type=float, default=5.0, help="gradient norm clipping of fine-tuning (0: off)")
     train.add_argument("--distill", type=float, default=1.0, help="weight of distillation from the dense model")
-    train.add_argument("--preset", default="balanced", choices=sorted(PRESETS))
-    train.add_argument("--target", type=float, default=None, help="override the preset's FLOPs target")
+    train.add_argument("--method", default="routed", choices=("routed", "gated"),
+                       help="routed (default): every sample starts on a cheap static path of the model and the unsure "
+                            "ones continue on a deeper one (gateify.route); gated: CosineGate controllers per block "
+                            "(gateify.GateRegularizer)")
+    train.add_argument("--preset", default="balanced", choices=sorted(PRESETS),
+                       help="operating point: gateify.ROUTE_PRESETS (routed) or gateify.PRESETS (gated)")
+    train.add_argument("--target", type=float, default=None,
+                       help="executed FLOPs fraction to meet (default: the preset's); also the static baseline's")
+    train.add_argument("--paths", default=None, metavar="F,F,...",
+                       help="routed: executed FLOPs fractions of the nested paths, cheapest first (default: the "
+                            "preset's)")
+    train.add_argument("--targets", default="", metavar="F,F,...",
+                       help="routed: more executed FLOPs fractions to calibrate to and report, from the same model")
+    train.add_argument("--self-distill", type=float, default=None,
+                       help="routed: distillation of the cheaper paths from the deepest (default: the preset's)")
     train.add_argument("--reg", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a regulariser field of the preset, e.g. --reg granularity=block (repeatable)")
-    train.add_argument("--baseline", default="none", choices=sorted(KINDS),
-                       help="none: gated run; static: prune blocks statically to the preset's target and fine-tune "
+                       help="gated: override a regulariser field of the preset, e.g. --reg granularity=block")
+    train.add_argument("--baseline", default="none", choices=("none", *BASELINES),
+                       help="none: the --method run; static: prune blocks statically to the target and fine-tune "
                             "as long; dense: continue the dense model as long")
     train.add_argument("--static-criterion", default="loss", choices=("loss", "keep_rate"))
     train.add_argument("--gate-init", default="keep", choices=("keep", "static"),
                        help="keep: gates start keeping everyone; static: gates start at the static selection for "
                             "the preset's target (the static baseline's depth) and learn per-sample deviations")
     train.add_argument("--calibrate", action="store_true",
-                       help="after fine-tuning, set the hard threshold so executed FLOPs meet the preset's target on "
-                            "training images (gateify.calibrate; never on the test set)")
+                       help="gated: after fine-tuning, set the hard threshold so executed FLOPs meet the target on "
+                            "validation images (gateify.calibrate; never on the test set). Routed runs always do.")
     train.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
     train.add_argument("--seed", type=int, default=0)
     run = p.add_argument_group("run")
@@ -114,10 +130,11 @@ def loaders(data: DataSplits, args: argparse.Namespace, world: int) -> tuple[Dat
     train = DataLoader(data.train, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                        drop_last=len(data.train) >= 4 * args.batch_size, **common)
     test = DataLoader(data.test, batch_size=256, **common)
-    # choices made on data (static selection, static twin) use training images, never the test set
-    calib_idx = torch.randperm(len(data.calibration), generator=torch.Generator().manual_seed(args.seed))[:1024]
-    calib = DataLoader(Subset(data.calibration, calib_idx.tolist()), batch_size=256)
-    return train, test, calib
+    # choices made on data (static selection, thresholds, the static twin) use the validation split, never the test
+    # set; at most 1024 images of it, so a large validation set does not slow every choice down
+    val_idx = torch.randperm(len(data.val), generator=torch.Generator().manual_seed(args.seed))[:1024]
+    val = DataLoader(Subset(data.val, val_idx.sort().values.tolist()), batch_size=256)
+    return train, test, val
 
 
 # ----------------------------------------------------------------------------------------------- phases
@@ -159,8 +176,12 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def floats(text: Optional[str]) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()] if text else []
+
+
 def regularizer_config(args: argparse.Namespace) -> RegularizerConfig:
-    """The preset with --target and --reg KEY=VALUE overrides (values parsed as JSON, else kept as strings)."""
+    """The gated preset with --target and --reg KEY=VALUE overrides (values parsed as JSON, else kept as strings)."""
     overrides: dict[str, Any] = {}
     for item in args.reg:
         key, sep, value = item.partition("=")
@@ -175,43 +196,69 @@ def regularizer_config(args: argparse.Namespace) -> RegularizerConfig:
     return config_with(args.preset, **overrides)
 
 
+def route_preset(args: argparse.Namespace) -> gateify.RoutePreset:
+    """The routing preset with --paths, --target and --self-distill overrides."""
+    preset = gateify.ROUTE_PRESETS[args.preset]
+    return gateify.RoutePreset(paths=tuple(floats(args.paths)) or preset.paths,
+                               target=args.target if args.target is not None else preset.target,
+                               self_distill=preset.self_distill if args.self_distill is None else args.self_distill)
+
+
+def target_of(args: argparse.Namespace) -> float:
+    """The executed FLOPs fraction this run aims at (the static baseline's budget too)."""
+    if args.target is not None:
+        return args.target
+    return (gateify.ROUTE_PRESETS if args.method == "routed" else PRESETS)[args.preset].target
+
+
 def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoader, test: DataLoader,
-             calib: DataLoader, args: argparse.Namespace, device: torch.device, world: int,
+             val: DataLoader, args: argparse.Namespace, device: torch.device, world: int,
              log: list[dict[str, Any]]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Fine-tune for ``args.epochs`` as ``kind`` (gated / static / dense_continued); returns the model and facts."""
-    preset = regularizer_config(args)
+    """Fine-tune for ``args.epochs`` as ``kind`` (routed / gated / static / dense_continued); returns the model and
+    facts. Every choice made on data (paths, static blocks, thresholds) uses the validation split."""
     teacher = copy.deepcopy(dense).eval() if args.distill > 0 else None
     facts: dict[str, Any] = {}
-    regularizer = None
+    regularizer = routing = None
     costs: Optional[gateify.CostModel] = None
     if kind == "dense_continued":
         model = copy.deepcopy(dense)
     else:
         torch.manual_seed(args.seed)  # controller init must not depend on whether the dense phase ran in this process
         model = gateify.convert(copy.deepcopy(dense), gate=args.gate, hidden=args.gate_hidden,
-                                example_input=next(iter(calib))[0][:2].to(device))
-        report = gateify.flops(model, next(iter(calib))[0].to(device))
+                                example_input=next(iter(val))[0][:2].to(device))
+        report = gateify.flops(model, next(iter(val))[0].to(device))
         costs = gateify.CostModel.from_report(report)
         if kind == "gated":
+            preset = regularizer_config(args)
             regularizer = gateify.GateRegularizer(model, report, preset)
             facts["regularizer"] = preset.to_dict()
             if args.gate_init == "static":
-                start = gateify.select_blocks(model, calib, preset.target, criterion=args.static_criterion)
+                start = gateify.select_blocks(model, val, preset.target, criterion=args.static_criterion)
                 seed_gates(model, start)
                 facts["gate_init_blocks"] = start
-        else:  # static: the blocks to remove are chosen on training data, for the same FLOPs target
-            keep = gateify.select_blocks(model, calib, preset.target, criterion=args.static_criterion, nearest=True)
+        elif kind == "routed":
+            plan = route_preset(args)
+            paths = gateify.select_paths(model, val, plan.paths)
+            gateify.route(model, paths)
+            routing = gateify.RouteLoss(model, distill_weight=args.distill, self_distill=plan.self_distill)
+            facts["route"] = {**plan.to_dict(), "paths_blocks": paths,
+                              "paths_flops": [costs.static_fraction(p) for p in paths]}
+        else:  # static: the blocks to remove for the same FLOPs target
+            keep = gateify.select_blocks(model, val, target_of(args), criterion=args.static_criterion, nearest=True)
             gateify.set_static(model, keep)
             facts["static_blocks"] = keep
-            for name, gate in gateify.gates(model).items():  # unused parameters must not wait for gradients
-                for p in gate.parameters():
+        if kind != "gated":  # controllers stay unused: they must not wait for gradients (DDP) or decay
+            for gate in gateify.gates(model).values():
+                for p in gate.scorer.parameters():
                     p.requires_grad_(False)
     model.train()
-    # static mode leaves removed branches and controllers unused; a CIR gate never calls its controller
-    unused = kind == "static" or (kind == "gated" and args.gate == "cir")
+    # static mode leaves removed branches unused; a CIR gate never calls a controller
+    unused = kind in ("static", "routed") or (kind == "gated" and args.gate == "cir")
     wrapped = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
+    if routing is not None and world > 1:
+        routing.model = wrapped
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, amp=args.amp, seed=args.seed + 1,
-                      distill_weight=args.distill)
+                      distill_weight=args.distill, grad_clip=args.grad_clip)
 
     def after(epoch: int, stats: dict[str, float]) -> dict[str, float]:
         result = evaluate(model, test, device, channels_last=channels_last(args))
@@ -222,47 +269,95 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
         return {"test_acc": result.accuracy, "flops_saved": saved}
 
     start = time.perf_counter()
-    fit(wrapped, train, cfg, device, regularizer=regularizer, teacher=teacher,
+    fit(wrapped, train, cfg, device, regularizer=regularizer, routing=routing, teacher=teacher,
         checkpoint=Checkpoint(os.path.join(args.out, f"checkpoint_{kind}.safetensors")), resume=args.resume,
-        on_epoch_end=after, channels_last=channels_last(args), progress_desc=kind)
+        on_epoch_end=None if kind == "routed" else after, channels_last=channels_last(args), progress_desc=kind)
     facts["finetune_seconds"] = time.perf_counter() - start
     if kind == "gated" and args.calibrate:
-        facts["calibrated_threshold"] = gateify.calibrate(model, [x.to(device) for x, _ in calib], preset.target)
+        facts["calibrated_threshold"] = gateify.calibrate(model, [x.to(device) for x, _ in val], target_of(args))
     return model.eval(), facts
 
 
 # ----------------------------------------------------------------------------------------------- reporting
 
 
+def route_points(model: torch.nn.Module, test: DataLoader, val: DataLoader, args: argparse.Namespace,
+                 device: torch.device, dense_macs: float) -> list[dict[str, Any]]:
+    """One routed model at several operating points: the threshold calibrated on validation images for each target
+    (then counted on the test set), and every path alone as the plain pruned model it is (``gateify.to_static``:
+    its own FLOPs, no second pass)."""
+    cl = channels_last(args)
+    val_images = [x.to(device) for x, _ in val]
+    test_images = [x for x, _ in test]
+    paths = gateify.routing_paths(model)
+    costs = gateify.CostModel.from_report(gateify.flops(model, test_images[:1]))
+    low, high = costs.static_fraction(paths[0]), costs.static_fraction(paths[-1])
+    # a target outside the paths' own FLOPs cannot be met by a threshold: those are left out, not forced
+    targets = [target_of(args)] + [t for t in floats(args.targets) if t != target_of(args) and low <= t <= high]
+    points = []
+    for target in targets:
+        threshold = gateify.calibrate(model, val_images, target, max_error=1.0)
+        result = evaluate(model, test, device, channels_last=cl)
+        counted = gateify.flops(model, test_images)
+        points.append({"label": f"routed@{target:.2f}", "target": target, "threshold": threshold,
+                       "test_acc": result.accuracy, "val_acc": evaluate(model, val, device, channels_last=cl).accuracy,
+                       "flops_saved": 1 - counted.executed_macs / dense_macs, "executed_macs": counted.executed_macs,
+                       "level_shares": route_shares(model, result)})
+    for k, path in enumerate(paths):
+        alone = gateify.to_static(model, keep=path).eval()
+        executed = gateify.flops(alone, test_images[:1]).executed_macs
+        points.append({"label": f"path {k}", "target": None, "threshold": None,
+                       "test_acc": evaluate(alone, test, device, channels_last=cl).accuracy,
+                       "val_acc": evaluate(alone, val, device, channels_last=cl).accuracy,
+                       "flops_saved": 1 - executed / dense_macs, "executed_macs": executed,
+                       "level_shares": [float(j == k) for j in range(len(paths))]})
+    gateify.calibrate(model, val_images, targets[0], max_error=1.0)  # the saved model runs at the main target
+    return points
+
+
+def route_shares(model: torch.nn.Module, result: EvalResult) -> list[float]:
+    """Fraction of the test samples that ended on each path, from the per-block decisions of evaluate()."""
+    paths = gateify.routing_paths(model)
+    decisions = result.decisions.float()
+    shares = []
+    for k, path in enumerate(paths):
+        kept = torch.tensor([path[b] for b in result.blocks], dtype=torch.float32)
+        shares.append(float((decisions == kept).all(1).float().mean()))
+    return shares
+
+
 def report(kind: str, model: torch.nn.Module, dense: torch.nn.Module, data: DataSplits, test: DataLoader,
-           calib: DataLoader, args: argparse.Namespace, device: torch.device, facts: dict[str, Any],
+           val: DataLoader, args: argparse.Namespace, device: torch.device, facts: dict[str, Any],
            source_acc: float) -> dict[str, Any]:
     cl = channels_last(args)
-    result = evaluate(model, test, device, channels_last=cl)
     test_images = [x for x, _ in test]
-    counted = gateify.flops(model, test_images)
     dense_macs = gateify.flops(dense.eval(), test_images[:1]).dense_macs
+    points = route_points(model, test, val, args, device, dense_macs) if kind == "routed" else None
+    result = evaluate(model, test, device, channels_last=cl)
+    counted = gateify.flops(model, test_images)
     metrics: dict[str, Any] = {
-        "kind": kind, "model": args.model, "dataset": args.dataset, "preset": args.preset if kind != "dense_continued"
-        else None, "gate": args.gate if kind == "gated" else None, "epochs": args.epochs,
+        "kind": kind, "model": args.model, "dataset": args.dataset, "method": args.method if kind in ("gated",
+        "routed") else None, "preset": args.preset if kind != "dense_continued" else None,
+        "target": target_of(args) if kind != "dense_continued" else None,
+        "gate": args.gate if kind == "gated" else None, "epochs": args.epochs,
         "dense_epochs": 0 if args.init else args.dense_epochs, "test_acc": result.accuracy,
+        "val_acc": evaluate(model, val, device, channels_last=cl).accuracy,
         "source_test_acc": source_acc, "dense_macs": dense_macs, "executed_macs": counted.executed_macs,
         "gate_macs": counted.gate_macs, "flops_saved": 1 - counted.executed_macs / dense_macs,
         "test_samples": counted.samples,
     }
+    if points is not None:
+        metrics["routed_points"] = points
     if gateify.gates(model):
-        modes = {name: g.mode for name, g in gateify.gates(model).items()}
-        gateify.set_mode(model, "dense")
-        metrics["test_acc_dense"] = evaluate(model, test, device, channels_last=cl).accuracy
-        for name, g in gateify.gates(model).items():
-            g.mode = modes[name]
+        with gateify.gate_mode(model, "dense"):
+            metrics["test_acc_dense"] = evaluate(model, test, device, channels_last=cl).accuracy
         metrics["keep_rate_per_block"] = result.keep_rate()
         metrics["minority_share_per_block"] = result.minority_share()
         metrics["keep_rate_per_class"] = result.keep_rate_per_class(data.num_classes)
         metrics["classes"] = list(data.classes)
         metrics["block_macs"] = {b.name: b.branch_flops / 2 for b in counted.blocks}
         if kind == "gated":
-            twin_keep = gateify.static_twin(model, calib)
+            twin_keep = gateify.static_twin(model, val)
             twin = copy.deepcopy(model)
             gateify.set_static(twin, twin_keep)
             metrics["static_twin_blocks"] = twin_keep
@@ -274,7 +369,20 @@ def report(kind: str, model: torch.nn.Module, dense: torch.nn.Module, data: Data
     metrics.update(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size,
                    torch=torch.__version__, python=platform.python_version(), command=" ".join(sys.argv),
                    world_size=dist.get_world_size() if dist.is_initialized() else 1)
+    if is_main():  # what a cascade of separately trained models needs: their logits on validation and test images
+        save_logits(model, val, test, device, cl, os.path.join(args.out, "logits.safetensors"))
     return metrics
+
+
+def save_logits(model: torch.nn.Module, val: DataLoader, test: DataLoader, device: torch.device, cl: bool,
+                path: str) -> None:
+    out = {}
+    with torch.no_grad(), gateify.evaluating(model):
+        for name, loader in (("val", val), ("test", test)):
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            out[f"{name}_logits"] = torch.cat([model(x.to(device, memory_format=fmt)).float().cpu() for x, _ in loader])
+            out[f"{name}_labels"] = torch.cat([y for _, y in loader])
+    save_file(out, path)
 
 
 def write_log(log: list[dict[str, Any]], out: str) -> None:
@@ -336,12 +444,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device, rank, world = setup_distributed(args.device)
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    kind = KINDS[args.baseline]
+    kind = BASELINES.get(args.baseline, args.method)
     size = args.input_size or (32 if args.dataset in ("cifar10", "digits") else None)
     if size is None:
         size = input_shape(gateify.create_model(args.model))[-1]
     data = load_dataset(args.dataset, args.data_dir, size, download=args.download)
-    train, test, calib = loaders(data, args, world)
+    train, test, val = loaders(data, args, world)
     model = gateify.create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans).to(device)
     if channels_last(args):
         model = model.to(memory_format=torch.channels_last)
@@ -353,8 +461,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dense = train_dense(model, train, test, args, device, world, log)
     source_acc = evaluate(dense, test, device, channels_last=channels_last(args)).accuracy
     _logger.info("dense source model: test accuracy %.4f", source_acc)
-    finetuned, facts = finetune(kind, dense, data, train, test, calib, args, device, world, log)
-    metrics = report(kind, finetuned, dense, data, test, calib, args, device, facts, source_acc)
+    finetuned, facts = finetune(kind, dense, data, train, test, val, args, device, world, log)
+    metrics = report(kind, finetuned, dense, data, test, val, args, device, facts, source_acc)
     if world > 1:
         digest = sum(float(t.double().sum()) for t in finetuned.state_dict().values() if t.is_floating_point())
         with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:

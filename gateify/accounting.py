@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import GateConfigError, GateifyError, GateifyWarning, InputShapeError
 from .modes import (Batches, as_batches, gate_mode, gates, evaluating, keep_rates, model_device,
-                    require_gates)
+                    record_decisions, require_gates)
 
 __all__ = ["BlockFlops", "FlopsReport", "CostModel", "flops", "calibrate"]
 
@@ -141,13 +141,22 @@ class CostModel:
         return min(1.0, max(0.0, (target * self.dense_flops - self.fixed_flops - self.gate_flops) / skippable))
 
 
+def _addmv_flops(self_shape: Any, mat_shape: Any, vec_shape: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * mat_shape[0] * mat_shape[1]
+
+
+# a controller deciding for one sample runs its layers as addmv, which torch's counter leaves out; its pooling (mv
+# there, a mean otherwise) is not counted, like every pooling
+_CONTROLLER_FLOPS = {torch.ops.aten.addmv: _addmv_flops}
+
+
 class _Counter:
     """FlopCounterMode plus per-gate attribution of branch and scorer FLOPs and kept samples."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.gates = gates(model)
-        self.mode = FlopCounterMode(display=False)
+        self.mode = FlopCounterMode(display=False, custom_mapping=_CONTROLLER_FLOPS)
         self.branch = {name: 0 for name in self.gates}
         self.controller = {name: 0 for name in self.gates}
         self.kept = {name: 0.0 for name in self.gates}
@@ -170,7 +179,7 @@ class _Counter:
             handles += self._attribute(gate.scorer, self.controller, name)
         device = model_device(self.model)
         try:
-            with torch.no_grad(), self.mode:
+            with torch.no_grad(), self.mode, record_decisions(self.model):
                 for x in batches:
                     self.model(x.to(device))
                     self.samples += x.shape[0]
@@ -234,7 +243,8 @@ def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_bat
     No retraining: a bisection on the threshold (executed FLOPs fall as it rises), each step a hard-mode pass over
     the data, with executed FLOPs predicted by the :class:`CostModel` of one :func:`flops` count. Gate overhead
     counts toward the target. The threshold is written into every gate's ``threshold``, so :func:`gateify.save`
-    keeps it.
+    keeps it. A routed model (:func:`gateify.route`) stays in mode ``"route"``: there the threshold is how unsure
+    (``1 - max softmax``) a cheaper path must be for a sample to go deeper.
 
     Args:
         target: executed FLOPs as a fraction of dense, e.g. 0.7 for 30% saved.
@@ -252,7 +262,8 @@ def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_bat
         GateifyError: a target outside what the data allows (every block skipped .. every block kept).
     """
     found = require_gates(model, "calibrate")
-    cir = [name for name, g in found.items() if not g.scorer.decides_from_input]
+    routed = all(g.mode == "route" for g in found.values())  # a routed model's threshold sends samples deeper
+    cir = [name for name, g in found.items() if not g.scorer.decides_from_input and not routed]
     if cir:
         raise GateConfigError(f"calibrate cannot meet a FLOPs target with CIR gates ({cir[:3]}...): a CIR gate needs "
                               f"F(x) to decide, so every branch runs whatever the threshold. Convert with "
@@ -261,12 +272,16 @@ def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_bat
     before = {name: g.threshold.clone() for name, g in found.items()}
     done = False
     try:
-        with gate_mode(model, "hard"):
+        with gate_mode(model, None if routed else "hard"):
             costs = CostModel.from_report(flops(model, batches))
 
             def fraction(threshold: float) -> float:
                 for g in found.values():
                     g.threshold.fill_(threshold)
+                if routed:  # a sample sent deeper runs some branches twice: count what ran, not the decisions
+                    with evaluating(model):
+                        counted = _Counter(model).run(batches)
+                    return counted.total / counted.samples / costs.dense_flops
                 return costs.fraction(keep_rates(model, batches))
 
             low, high = fraction(0.0), fraction(1.0 + 1e-6)
@@ -279,6 +294,8 @@ def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_bat
             lo, hi = -30.0, 30.0
             best = (abs(low - target), 0.0, low)
             for _ in range(steps):
+                if hi - lo < 1e-2:  # a finer threshold moves no sample's decision that matters (p changes < 0.3%)
+                    break
                 mid = (lo + hi) / 2
                 threshold = 1.0 / (1.0 + math.exp(-mid))
                 f = fraction(threshold)

@@ -11,28 +11,27 @@ Files are safetensors only (gateify never unpickles). User errors print ``error:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
 import textwrap
 import time
-from typing import Optional, Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ._version import __version__
-from .accounting import flops
-from .conversion import convert, to_dense
 from .errors import GateifyError
-from .gate import GATE_KINDS
-from .io import FORMAT_KEY, is_gateify_file, load, load_dense, read_metadata, save
-from .models import architecture_of, create_model, input_shape
-from .modes import gates, set_mode
-from .timing import measure_latency
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch, timm and the rest of gateify are imported inside the commands: `gateify --help` (and a usage error)
+# answers at once instead of after seconds of imports.
 
 __all__ = ["main", "build_parser", "UsageError"]
+
+#: gateify.gate.GATE_KINDS, spelled out so that building the parser imports no torch (a test keeps them equal)
+GATE_KINDS = ("controller", "cir")
 
 
 class UsageError(GateifyError):
@@ -66,27 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
                "  gateify convert resnet20 --out r20_gated.safetensors\n"
                "  gateify convert torchvision:resnet50 --weights rn50.safetensors --out rn50_gated.safetensors\n"
                "  gateify convert rn50.safetensors --arch resnet50 --num-classes 100 --out rn50_gated.safetensors\n"
-               "Dense weights must be a safetensors file of the plain model's state_dict (timm/torchvision key names),"
-               "\ne.g. safetensors.torch.save_file(model.state_dict(), 'rn50.safetensors').")
+               "  gateify convert dense_saved_by_gateify.safetensors --out gated.safetensors\n"
+               "Dense weights are a safetensors file of the plain model's state_dict (timm/torchvision key names),\n"
+               "e.g. safetensors.torch.save_file(model.state_dict(), 'rn50.safetensors'), which needs --arch; or a\n"
+               "plain model written by gateify.save, which records its architecture, num_classes and in_chans.")
     c.add_argument("model", metavar="MODEL",
                    help="a timm model name (resnet50, resnet20, ...), torchvision:<name> (torchvision:resnet18), or "
-                        "a dense .safetensors file together with --arch")
+                        "a dense .safetensors file (with --arch, unless gateify.save wrote it)")
     c.add_argument("--out", required=True, metavar="FILE", help="where to write the gated model (.safetensors)")
-    c.add_argument("--arch", metavar="NAME", help="the architecture of a dense safetensors MODEL file")
+    c.add_argument("--arch", metavar="NAME",
+                   help="the architecture of a dense safetensors MODEL file that does not record it")
     c.add_argument("--weights", metavar="DENSE.safetensors", help="dense source weights to load before converting")
-    c.add_argument("--gate", choices=tuple(GATE_KINDS), default="controller",
+    c.add_argument("--gate", choices=GATE_KINDS, default="controller",
                    help="controller (default): a small MLP on the block input decides, skipped branches save compute; "
                         "cir: decides from the branch output's cosine incompatibility, so every branch runs "
                         "(no compute saved)")
-    c.add_argument("--num-classes", type=_positive, metavar="N", help="classifier outputs (default: the library's)")
-    c.add_argument("--in-chans", type=_positive, metavar="C", help="input channels (default: 3)")
+    c.add_argument("--num-classes", type=_positive, metavar="N",
+                   help="classifier outputs (default: the library's, or what a MODEL file records)")
+    c.add_argument("--in-chans", type=_positive, metavar="C",
+                   help="input channels (default: 3, or what a MODEL file records)")
     c.set_defaults(func=_convert)
 
     i = commands.add_parser(
         "info", help="show a gated file's architecture, gates and FLOPs",
         description="Print the architecture and gate configuration recorded in a gated file, each gate's mode and "
-                    "threshold, and dense vs executed MACs/FLOPs per image (1 MAC = 2 FLOPs). Executed FLOPs depend "
-                    "on the data: they are counted here on random N(0, 1) inputs, not on your images.")
+                    "the threshold in force (calibrated or set after conversion), and dense vs executed MACs/FLOPs "
+                    "per image (1 MAC = 2 FLOPs). Executed FLOPs depend on the data: they are counted here on random "
+                    "N(0, 1) inputs, not on your images.")
     i.add_argument("file", metavar="FILE", help="a file written by 'gateify convert' or gateify.save")
     i.add_argument("--input-size", type=_positive, metavar="H",
                    help="image side for the FLOPs count (default: the model's pretrained_cfg input size, else 224)")
@@ -115,44 +120,88 @@ def _is_file_argument(text: str) -> bool:
     return text.endswith(".safetensors") or os.path.isfile(text)
 
 
-def _convert(args: argparse.Namespace) -> int:
-    kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans)) if v is not None}
-    weights = args.weights
-    if _is_file_argument(args.model):
+def _dense_source(args: argparse.Namespace, kwargs: dict[str, Any]) -> tuple[str, "nn.Module", str]:
+    """``(architecture name, plain model with its weights, where they came from)`` for a MODEL that is a file."""
+    from .io import _parse_metadata, is_gateify_file, load, load_dense, read_metadata
+    from .models import create_model
+
+    path = args.model
+    if args.weights:
+        raise UsageError("give the dense weights once: either as MODEL or with --weights.")
+    metadata = read_metadata(path)  # the header only
+    if not is_gateify_file(metadata):  # a plain state dict (safetensors.torch.save_file): it says nothing else
         if not args.arch:
-            raise UsageError(f"'{args.model}' is a weights file: say which architecture it holds with --arch NAME "
-                             f"(e.g. --arch resnet50 or --arch torchvision:resnet50).")
-        if weights:
-            raise UsageError("give the dense weights once: either as MODEL (with --arch) or with --weights.")
-        name, weights = args.arch, args.model
-    else:
-        if args.arch:
-            raise UsageError(f"--arch is for a dense weights file given as MODEL; '{args.model}' is a model name "
-                             f"already (use --weights FILE to load weights into it).")
-        name = args.model
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"the folder of --out '{args.out}' does not exist; create it first.")
-    model = create_model(name, **kwargs)
-    if weights:
+            raise UsageError(f"'{path}' is a weights file that does not record its architecture: say which it "
+                             f"holds with --arch NAME (e.g. --arch resnet50 or --arch torchvision:resnet50).")
+        model = create_model(args.arch, **kwargs)
         try:
-            load_dense(model, weights)
+            load_dense(model, path)
         except GateifyError as e:
             raise type(e)(f"{e} On the command line: --num-classes N, --in-chans C.") from e
+        return args.arch, model, f"dense weights '{path}'"
+    _, arch, config, modes = _parse_metadata(path, metadata)
+    if config is not None or modes:
+        raise UsageError(f"'{path}' is already converted: gateify.save wrote a gated model with {len(modes)} gated "
+                         f"blocks into it. 'gateify info {path}' describes it, 'gateify bench {path}' times it; "
+                         f"to convert again with other options, start from the dense weights.")
+    if not arch:  # a plain model of an architecture gateify could not name (your own class)
+        if not args.arch:
+            raise UsageError(f"'{path}' was written by gateify.save without an architecture: say which it holds "
+                             f"with --arch NAME.")
+        return args.arch, load(path, model=create_model(args.arch, **kwargs)), f"dense weights '{path}'"
+    recorded = dict(arch.get("kwargs", {}))
+    if args.arch and args.arch != arch["name"]:
+        raise UsageError(f"'{path}' records architecture '{arch['name']}', not '{args.arch}'; drop --arch.")
+    clashes = [f"--{key.replace('_', '-')} {value} (the file records {recorded[key]})"
+               for key, value in kwargs.items() if key in recorded and recorded[key] != value]
+    if clashes:
+        raise UsageError(f"'{path}' records how its model was built; {', '.join(clashes)} cannot apply to its "
+                         f"weights. Drop the option.")
+    return arch["name"], load(path), f"dense weights '{path}' (architecture recorded in the file)"
+
+
+def _convert(args: argparse.Namespace) -> int:
+    kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans)) if v is not None}
+    from_file = _is_file_argument(args.model)
+    if args.arch and not from_file:
+        raise UsageError(f"--arch is for a dense weights file given as MODEL; '{args.model}' is a model name "
+                         f"already (use --weights FILE to load weights into it).")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise UsageError(f"the folder of --out '{args.out}' does not exist; create it first.")
+    from .conversion import convert
+    from .io import load_dense, save
+    from .models import create_model
+    from .modes import gates
+
+    if from_file:
+        name, model, source = _dense_source(args, kwargs)
+    else:
+        name, model, source = args.model, create_model(args.model, **kwargs), "random weights"
+        if args.weights:
+            try:
+                load_dense(model, args.weights)
+            except GateifyError as e:
+                raise type(e)(f"{e} On the command line: --num-classes N, --in-chans C.") from e
+            source = f"dense weights '{args.weights}'"
     gated = convert(model, gate=args.gate)
     save(gated, args.out)
-    source = f"dense weights '{weights}'" if weights else "random weights"
     print(f"{name}: gated {len(gates(gated))} residual blocks ({args.gate} gates) from {source}; "
           f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB)")
     return 0
 
 
-def _random_batch(model: nn.Module, n: int, size: Optional[int], device: torch.device) -> torch.Tensor:
+def _random_batch(model: "nn.Module", n: int, size: Optional[int], device: "torch.device") -> "torch.Tensor":
+    import torch
+
+    from .models import input_shape
+
     return torch.randn(n, *input_shape(model, size), generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def _load_gated_file(path: str) -> tuple[nn.Module, dict[str, str]]:
+def _load_gated_file(path: str) -> tuple["nn.Module", dict[str, str]]:
     """The model in a file written by gateify.save, in eval mode, and the file's metadata."""
+    from .io import is_gateify_file, load, read_metadata
+
     metadata = read_metadata(path)  # the header only: load() reads the tensors
     if not is_gateify_file(metadata):
         raise UsageError(f"'{path}' holds weights not written by gateify (dense weights?); convert them first: "
@@ -160,7 +209,21 @@ def _load_gated_file(path: str) -> tuple[nn.Module, dict[str, str]]:
     return load(path).eval(), metadata
 
 
+def _rule(gate: Any) -> str:
+    """What decides for the gate's samples now: its threshold, or a fixed decision that ignores it."""
+    if gate.mode == "static":
+        return "static keep" if bool(gate.static_keep) else "static skip"
+    if gate.mode == "dense":
+        return "always keep"
+    return f"{float(gate.threshold):.4g}"
+
+
 def _info(args: argparse.Namespace) -> int:
+    from .accounting import flops
+    from .io import FORMAT_KEY
+    from .models import architecture_of
+    from .modes import gates
+
     start = time.perf_counter()
     model, metadata = _load_gated_file(args.file)
     seconds = time.perf_counter() - start
@@ -173,14 +236,26 @@ def _info(args: argparse.Namespace) -> int:
     if not found:
         print("gates         none: a plain (unconverted) model")
         return 0
-    config = next(iter(found.values())).config
-    print(f"gate config   {json.dumps(config.to_dict())}")
+    # the conversion's threshold/tau/noise are only where the gates started: each gate's own values are in force
+    config = {k: v for k, v in next(iter(found.values())).config.to_dict().items()
+              if k not in ("threshold", "tau", "noise")}
+    print(f"gate config   {json.dumps(config)}")
+    deciding = {name: float(g.threshold) for name, g in found.items() if g.mode not in ("static", "dense")}
+    if not deciding:
+        print("threshold     none in force: every gate is in static or dense mode")
+    elif len(set(deciding.values())) == 1:
+        print(f"threshold     {next(iter(deciding.values())):.4g} in force on every deciding gate (hard mode keeps "
+              f"a sample when its keep probability is >= it)")
+    else:
+        print(f"threshold     per gate, {min(deciding.values()):.4g} to {max(deciding.values()):.4g}, in force as "
+              f"listed below (hard mode keeps a sample when its keep probability is >= it)")
+    import torch
+
     x = _random_batch(model, args.samples, args.input_size, torch.device("cpu"))
     report = flops(model, x)
-    print(f"\n{'block':<24}{'mode':<8}{'threshold':>10}{'keep rate*':>12}{'branch MMACs':>14}")
+    print(f"\n{'block':<24}{'mode':<8}{'threshold':>12}{'keep rate*':>12}{'branch MMACs':>14}")
     for block in report.blocks:
-        gate = found[block.name]
-        print(f"{block.name:<24}{gate.mode:<8}{float(gate.threshold):>10.4g}{block.keep_rate:>12.3f}"
+        print(f"{block.name:<24}{found[block.name].mode:<8}{_rule(found[block.name]):>12}{block.keep_rate:>12.3f}"
               f"{block.branch_flops / 2e6:>14.3f}")
     print(f"\nper image at {'x'.join(map(str, x.shape[1:]))} (1 MAC = 2 FLOPs):")
     print(f"  dense     {report.dense_macs / 1e6:12.3f} MMACs = {report.dense_flops / 1e6:12.3f} MFLOPs")
@@ -193,6 +268,15 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
+    from .accounting import flops
+    from .conversion import to_dense
+    from .modes import gates, set_mode
+    from .timing import measure_latency
+
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but torch sees no CUDA device here; use --device cpu.")

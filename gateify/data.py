@@ -1,4 +1,7 @@
-"""Image classification data for fine-tuning: CIFAR-10, any ImageFolder tree, and an offline default.
+"""Image classification data for fine-tuning: CIFAR-10, any ImageFolder tree, and two offline datasets.
+
+Every dataset comes as train / val / test: choices made on data (which blocks static pruning removes, routing
+thresholds) use ``val`` (held out from training), never ``test``.
 
 * ``cifar10``: the standard python-batch layout (``DIR/cifar-10-batches-py/data_batch_1..5, test_batch``), as
   torchvision reads it. The batches are pickles; they are read with an unpickler that admits only the numpy array
@@ -6,28 +9,44 @@
   official archive (needs network).
 * ``folder``: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or ``DIR/test``), any image size, grayscale or
   colour: ``in_chans`` follows the data, images are resized (longer side) and zero-padded to the input size.
-* ``digits``: the offline default. scikit-learn's 8x8 handwritten digits (1,797 real images, 10 classes, shipped
-  inside the scikit-learn package), upsampled to the input size, split 75/25 stratified with a fixed seed.
+* ``digits``: scikit-learn's 8x8 handwritten digits (1,797 real images, 10 classes, shipped inside the
+  scikit-learn package), upsampled to the input size, split 75/25 stratified with a fixed seed. Easy: every model
+  of a ResNet-20's size reaches ~99.8%, so it cannot tell methods apart.
+* ``animals``: the 10,000 real 28x28 animal silhouettes (10 classes) shipped inside the ``animal-mnist`` wheel
+  (MIT; install it with ``pip install --no-deps animal-mnist==0.4``: its declared TensorFlow dependency is not
+  needed, gateify reads the two data files only, with the same restricted unpickler).
+* ``animals-c``: the offline benchmark where depth matters. The same silhouettes, each corrupted once, the way
+  robustness benchmarks (CIFAR-10-C) corrupt: 20% stay clean, the others get one of Gaussian noise, blur,
+  occlusion, contrast loss or pixelation at a severity drawn from 1-5 (fixed seed, so the dataset is the same
+  everywhere). Samples differ in difficulty, so a model that gives hard inputs more depth than easy ones can win.
+
+Splits of ``animals``/``animals-c``: 5,000 train, 1,000 val, 4,000 test (stratified, fixed; a large test set, so
+that one image is 0.025 points). Other datasets hold out
+10% of train as val (stratified, fixed), or use ``DIR/val`` of a folder tree that also has ``DIR/test``.
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
+import importlib.util
+import math
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from .cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 from .errors import DatasetError
 
-__all__ = ["DATASETS", "DataSplits", "DatasetError", "load_dataset", "read_cifar10"]
+__all__ = ["DATASETS", "CORRUPTIONS", "DataSplits", "load_dataset", "read_cifar10", "read_animals", "corrupt"]
 
-DATASETS = ("cifar10", "folder", "digits")
+DATASETS = ("cifar10", "folder", "digits", "animals", "animals-c")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -35,11 +54,12 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 @dataclass
 class DataSplits:
-    """Train and test sets plus what a model needs to know about them."""
+    """Train, validation and test sets plus what a model needs to know about them."""
 
     train: Dataset
+    val: Dataset  # held out from training, without augmentation: for every choice made on data
     test: Dataset
-    calibration: Dataset  # the training images without augmentation: for choices made on training data
+    calibration: Dataset  # the training images without augmentation
     classes: Sequence[str]
     in_chans: int
     input_size: int
@@ -112,6 +132,33 @@ def read_cifar10(root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def _stratified_split(labels: torch.Tensor, fractions: Sequence[float], seed: int) -> list[torch.Tensor]:
+    """Indices of consecutive parts of every class in ``fractions`` (summing to 1), shuffled with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    parts: list[list[torch.Tensor]] = [[] for _ in fractions]
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        bounds = [round(len(idx) * sum(fractions[:i])) for i in range(len(fractions) + 1)]
+        for i in range(1, len(fractions)):  # a tiny class still puts one sample in every part that asks for some
+            if len(idx) >= len(fractions):
+                bounds[i] = min(max(bounds[i], bounds[i - 1] + 1), len(idx) - (len(fractions) - i))
+        for i in range(len(fractions)):
+            parts[i].append(idx[bounds[i]:bounds[i + 1]])
+    return [torch.cat(p).sort().values for p in parts]
+
+
+def _tensor_splits(images: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, val: torch.Tensor,
+                   test: torch.Tensor, classes: Sequence[str], flip: bool,
+                   stats: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None) -> DataSplits:
+    """uint8 images ``(N, C, S, S)`` split by index; normalised with ``stats`` or the training images' own."""
+    mean, std = stats or _stats(images[train])
+    train_t, test_t = _transforms(mean, std, images.shape[-1], flip=flip)
+    part = lambda idx, t: TensorImages(images[idx], labels[idx], t)  # noqa: E731
+    return DataSplits(part(train, train_t), part(val, test_t), part(test, test_t), part(train, test_t), classes,
+                      images.shape[1], images.shape[-1], mean, std)
+
+
 def _cifar10(root: Optional[str], size: int, download: bool) -> DataSplits:
     root = root or "data"
     if download:
@@ -121,16 +168,26 @@ def _cifar10(root: Optional[str], size: int, download: bool) -> DataSplits:
             download_and_extract_archive(CIFAR10_URL, root, md5=CIFAR10_MD5)
     train_x, train_y = read_cifar10(root, train=True)
     test_x, test_y = read_cifar10(root, train=False)
+    images, labels = torch.cat([train_x, test_x]), torch.cat([train_y, test_y])
     if size != 32:
-        train_x, test_x = _resize(train_x, size), _resize(test_x, size)
-    train_t, test_t = _transforms(CIFAR10_MEAN, CIFAR10_STD, size, flip=True)
-    return DataSplits(TensorImages(train_x, train_y, train_t), TensorImages(test_x, test_y, test_t),
-                      TensorImages(train_x, train_y, test_t), CIFAR10_CLASSES, 3, size, CIFAR10_MEAN, CIFAR10_STD)
+        images = _resize(images, size)
+    train, val = _stratified_split(train_y, (0.9, 0.1), seed=0)
+    test = torch.arange(len(train_y), len(labels))
+    return _tensor_splits(images, labels, train, val, test, CIFAR10_CLASSES, flip=True,
+                          stats=(CIFAR10_MEAN, CIFAR10_STD))
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
     return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def _fit(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Small images to ``size``: zero-padded when they are at most 8 pixels smaller (no resampling), else resized."""
+    pad = size - images.shape[-1]
+    if 0 <= pad <= 8:
+        return F.pad(images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+    return _resize(images, size)
 
 
 def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -141,21 +198,133 @@ def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def _digits(size: int) -> DataSplits:
     try:
         from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
     except ImportError as e:
-        raise DatasetError("the offline default needs scikit-learn: pip install 'gateify[train]'.") from e
+        raise DatasetError("the digits dataset needs scikit-learn: pip install 'gateify[train]'.") from e
     digits = load_digits()
     images = torch.from_numpy(digits.images).float().mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
     labels = torch.from_numpy(digits.target).long()
-    train_idx, test_idx = train_test_split(range(len(labels)), test_size=0.25, stratify=labels.numpy(),
-                                           random_state=0)
-    images = _resize(images, size)
-    train_x, test_x = images[train_idx], images[test_idx]
-    mean, std = _stats(train_x)
-    train_t, test_t = _transforms(mean, std, size, flip=False)  # digits are not mirror-symmetric
-    train_y, test_y = labels[train_idx], labels[test_idx]
-    return DataSplits(TensorImages(train_x, train_y, train_t), TensorImages(test_x, test_y, test_t),
-                      TensorImages(train_x, train_y, test_t), [str(i) for i in range(10)], 1, size, mean, std)
+    train, val, test = _stratified_split(labels, (0.675, 0.075, 0.25), seed=0)
+    # digits are not mirror-symmetric: no flip
+    return _tensor_splits(_resize(images, size), labels, train, val, test, [str(i) for i in range(10)], flip=False)
+
+
+ANIMALS_PACKAGE = "animal-mnist==0.4"
+ANIMALS_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+
+
+def _read_array_pickle(path: str) -> "numpy.ndarray":  # noqa: F821 (numpy is a torch dependency)
+    """A gzipped pickle of one numpy array, read with the restricted unpickler: nothing else can be loaded."""
+    try:
+        with gzip.open(path, "rb") as f:
+            array = _ArrayUnpickler(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError) as e:
+        raise DatasetError(f"'{path}' is not a readable array file ({type(e).__name__}: {e}). Reinstall it: "
+                           f"pip install --force-reinstall --no-deps {ANIMALS_PACKAGE}") from e
+    if not hasattr(array, "dtype"):
+        raise DatasetError(f"'{path}' holds a {type(array).__name__}, not an array.")
+    return array
+
+
+def read_animals(folder: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The animal-mnist silhouettes: uint8 images ``(10000, 1, 28, 28)`` and int64 labels ``(10000,)``.
+
+    ``folder`` holds ``animal_data_version_3.gz`` and ``animal_label_version_3.gz``; default: the installed
+    ``animal_mnist`` package's data folder, found without importing the package (its code needs TensorFlow).
+    """
+    if folder is None:
+        spec = importlib.util.find_spec("animal_mnist")
+        if spec is None or not spec.submodule_search_locations:
+            raise DatasetError(f"the animals datasets read the images shipped in the animal-mnist wheel, which is "
+                               f"not installed: pip install --no-deps {ANIMALS_PACKAGE} (--no-deps: its declared "
+                               f"TensorFlow dependency is not needed). `make run` and `make test` install it.")
+        folder = os.path.join(list(spec.submodule_search_locations)[0], "data", "Animal_MNIST")
+    paths = [os.path.join(folder, f"animal_{part}_version_3.gz") for part in ("data", "label")]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DatasetError(f"{missing} not found: reinstall with pip install --force-reinstall --no-deps "
+                           f"{ANIMALS_PACKAGE}.")
+    data, labels = (_read_array_pickle(p) for p in paths)
+    images = torch.from_numpy(data.astype("uint8").copy()).unsqueeze(1)
+    labels = torch.from_numpy(labels.astype("int64").copy())
+    if images.shape[1:] != (1, 28, 28) or len(images) != len(labels) or not 0 <= int(labels.min()) <= int(
+            labels.max()) < len(ANIMALS_CLASSES):
+        raise DatasetError(f"'{folder}' does not hold 28x28 images with labels 0-9 (images {tuple(images.shape)}, "
+                           f"{len(labels)} labels).")
+    return images, labels
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = math.ceil(2 * sigma)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    w = torch.exp(-t * t / (2 * sigma * sigma))
+    w = w / w.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), w.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), w.view(1, 1, -1, 1))
+
+
+def _noise(x: torch.Tensor, s: int, g: torch.Generator) -> torch.Tensor:
+    return x + torch.randn(x.shape, generator=g) * 0.08 * s
+
+
+def _blur(x: torch.Tensor, s: int, g: torch.Generator) -> torch.Tensor:
+    return _gaussian_blur(x, 0.2 + 0.4 * s)
+
+
+def _occlusion(x: torch.Tensor, s: int, g: torch.Generator) -> torch.Tensor:
+    x = x.clone()
+    side = x.shape[-1]
+    for _ in range(s):  # s grey patches of 5-9 pixels per image
+        size = torch.randint(5, 10, (len(x),), generator=g)
+        corner = (torch.rand(len(x), 2, generator=g) * (side - size)[:, None]).long()
+        grey = torch.rand(len(x), generator=g)
+        for i in range(len(x)):
+            (r, c), z = corner[i].tolist(), int(size[i])
+            x[i, ..., r:r + z, c:c + z] = grey[i]
+    return x
+
+
+def _contrast(x: torch.Tensor, s: int, g: torch.Generator) -> torch.Tensor:
+    mean = x.mean((1, 2, 3), keepdim=True)
+    return (x - mean) * (0.5, 0.35, 0.25, 0.16, 0.10)[s - 1] + mean
+
+
+def _pixelate(x: torch.Tensor, s: int, g: torch.Generator) -> torch.Tensor:
+    side = x.shape[-1]
+    small = max(4, int(side * (0.7, 0.55, 0.45, 0.35, 0.28)[s - 1]))
+    return F.interpolate(F.interpolate(x, size=(small, small), mode="area"), size=(side, side), mode="nearest")
+
+
+#: the corruptions of ``animals-c``: name -> f(images (N, 1, H, W) in [0, 1], severity 1-5, generator)
+CORRUPTIONS: dict[str, Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]] = {
+    "noise": _noise, "blur": _blur, "occlusion": _occlusion, "contrast": _contrast, "pixelate": _pixelate}
+
+
+def corrupt(images: torch.Tensor, seed: int = 0, clean: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each uint8 image ``(N, 1, H, W)`` left clean with probability ``clean``, else one corruption of
+    :data:`CORRUPTIONS` at a severity from 1 to 5. Returns the images and, per image, the corruption's index
+    (-1: clean) and severity (0: clean); the same for a given ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(images)
+    corrupted = torch.rand(n, generator=g) >= clean
+    kind = torch.where(corrupted, torch.randint(0, len(CORRUPTIONS), (n,), generator=g), -1)
+    severity = torch.where(corrupted, torch.randint(1, 6, (n,), generator=g), 0)
+    out = images.clone()
+    x = images.float() / 255
+    for k, fn in enumerate(CORRUPTIONS.values()):  # one batch per corruption and severity
+        for s in range(1, 6):
+            idx = ((kind == k) & (severity == s)).nonzero().squeeze(1)
+            if len(idx):
+                out[idx] = fn(x[idx], s, g).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return out, kind, severity
+
+
+@functools.lru_cache(maxsize=4)  # a sweep loads it once per run: build it once per process
+def _animals(size: int, corrupted: bool) -> DataSplits:
+    images, labels = read_animals()
+    if corrupted:
+        images = corrupt(images, seed=0)[0]
+    train, val, test = _stratified_split(labels, (0.5, 0.1, 0.4), seed=0)
+    return _tensor_splits(_fit(images, size), labels, train, val, test, ANIMALS_CLASSES, flip=True)
 
 
 def _open_image(path: str):  # noqa: ANN202 (PIL image)
@@ -183,8 +352,8 @@ def _folder(root: Optional[str], size: int) -> DataSplits:
     if not root or not os.path.isdir(os.path.join(root, "train")):
         raise DatasetError(f"--dataset folder needs --data-dir with a train/ subfolder (DIR/train/<class>/<image>) "
                            f"and val/ or test/ beside it; '{root}' has no train/.")
-    test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
-    if test_dir is None:
+    present = [d for d in ("val", "test") if os.path.isdir(os.path.join(root, d))]
+    if not present:
         raise DatasetError(f"'{root}' has train/ but neither val/ nor test/ to evaluate on.")
     probe = ImageFolder(os.path.join(root, "train"), loader=_open_image)
     if not len(probe):
@@ -196,13 +365,23 @@ def _folder(root: Optional[str], size: int) -> DataSplits:
     sample = torch.stack([base(probe.loader(p)) for p, _ in probe.samples[:: max(1, len(probe) // 1000)]])
     mean, std = _stats(sample)
     train_t, test_t = _transforms(mean, std, size, flip=True)
-    train = ImageFolder(os.path.join(root, "train"), transform=v2.Compose([base, train_t]), loader=_open_image)
-    test = ImageFolder(test_dir, transform=v2.Compose([base, test_t]), loader=_open_image)
-    calibration = ImageFolder(os.path.join(root, "train"), transform=v2.Compose([base, test_t]), loader=_open_image)
-    if test.classes != train.classes:
-        raise DatasetError(f"class folders differ between '{root}/train' and '{test_dir}': "
-                           f"{train.classes} vs {test.classes}.")
-    return DataSplits(train, test, calibration, train.classes, 1 if gray else 3, size, mean, std)
+
+    def folder(name: str, transform: v2.Transform) -> ImageFolder:
+        data = ImageFolder(os.path.join(root, name), transform=v2.Compose([base, transform]), loader=_open_image)
+        if data.classes != probe.classes:
+            raise DatasetError(f"class folders differ between '{root}/train' and '{root}/{name}': "
+                               f"{probe.classes} vs {data.classes}.")
+        return data
+
+    train, calibration = folder("train", train_t), folder("train", test_t)
+    test = folder(present[-1], test_t)  # test/ when there is one, else val/
+    if len(present) == 2:
+        return DataSplits(train, folder("val", test_t), test, calibration, train.classes, 1 if gray else 3, size,
+                          mean, std)
+    labels = torch.tensor(train.targets)
+    train_idx, val_idx = _stratified_split(labels, (0.9, 0.1), seed=0)
+    return DataSplits(Subset(train, train_idx.tolist()), Subset(calibration, val_idx.tolist()), test,
+                      Subset(calibration, train_idx.tolist()), train.classes, 1 if gray else 3, size, mean, std)
 
 
 def load_dataset(name: str, data_dir: Optional[str] = None, input_size: int = 32, download: bool = False) -> DataSplits:
@@ -213,4 +392,6 @@ def load_dataset(name: str, data_dir: Optional[str] = None, input_size: int = 32
         return _folder(data_dir, input_size)
     if name == "digits":
         return _digits(input_size)
+    if name in ("animals", "animals-c"):
+        return _animals(input_size, corrupted=name == "animals-c")
     raise DatasetError(f"unknown dataset {name!r}; use one of {DATASETS}.")

@@ -29,6 +29,7 @@ from .errors import GateifyError, WeightsFileError
 from .gate import MODES, GateConfig, ResidualGate
 from .models import architecture_of, create_model
 from .modes import gates, unwrap
+from .routing import is_routed, route_from_metadata, routing_metadata
 
 __all__ = ["save", "load", "load_dense", "atomic_save", "read_safetensors", "read_metadata", "check_fits",
            "is_gateify_file", "FORMAT_VERSION", "FORMAT_KEY"]
@@ -82,6 +83,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, architecture: Optio
         "gate_config": configs.pop() if configs else "null",
         # tau and noise are plain attributes (set_mode changes them), not buffers: kept here
         "gates": json.dumps({name: {"mode": g.mode, "tau": g.tau, "noise": g.noise} for name, g in found.items()}),
+        "routing": json.dumps(routing_metadata(module) if found else None),
     }
     state = module.state_dict()
     storages: dict[tuple, str] = {}
@@ -179,6 +181,14 @@ def check_fits(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str,
             hint or "Was it saved from another architecture or with other num_classes/in_chans?"))
 
 
+def _json_field(path: str, metadata: Mapping[str, str], key: str) -> Any:
+    try:
+        return json.loads(metadata.get(key, "null"))
+    except ValueError as e:
+        raise WeightsFileError(f"'{path}' has damaged gateify metadata ({key}: {e}); write it again with "
+                               f"gateify.save.") from e
+
+
 def _describe(arch: Optional[Mapping[str, Any]]) -> str:
     if not arch:
         return "an unrecorded architecture"
@@ -244,6 +254,9 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
     target = model
     if config is not None and not gates(model):
         target = convert(model, GateConfig.from_dict(config), **convert_kwargs)
+    routing = _json_field(path, metadata, "routing")
+    if routing and not is_routed(target):
+        route_from_metadata(target, routing)
     if config is None and gates(model):
         raise WeightsFileError(f"'{path}' holds a plain (ungated) model but the model passed is converted; pass "
                                f"the plain source model, or load the file with gateify.load_dense.")

@@ -18,8 +18,8 @@ from torch import nn
 from .errors import GateConfigError, InputShapeError, NotConvertedError
 from .gate import INFERENCE_MODES, MODES, ResidualGate
 
-__all__ = ["unwrap", "gates", "require_gates", "set_mode", "gate_mode", "evaluating", "keep_rates",
-           "training_flags", "restore_training_flags", "model_device", "as_batches", "Batches"]
+__all__ = ["unwrap", "gates", "require_gates", "set_mode", "gate_mode", "evaluating", "record_decisions",
+           "keep_rates", "training_flags", "restore_training_flags", "model_device", "as_batches", "Batches"]
 
 Batches = Union[torch.Tensor, Iterable[Any]]
 
@@ -138,6 +138,34 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
             g.mode = before[name]
 
 
+class record_decisions:
+    """Every gate of ``model`` writes a :class:`~gateify.gate.GateRecord` to ``gate.last`` in every mode, as
+    ``"gumbel"`` mode always does: what statistics (``gate.last.gate``, the per-sample decisions) are read from.
+
+        with gateify.record_decisions(gated):
+            gated(x)
+            kept = {name: g.last.gate for name, g in gateify.gates(gated).items()}   # (B,) bool per block
+
+    Outside it, ``"hard"``, ``"dense"`` and ``"static"`` gates leave ``last = None``: a record costs a sigmoid and
+    a tensor per gate, which shows at batch 1. Called plainly (``gateify.record_decisions(gated)``) it stays on until
+    ``gateify.record_decisions(gated, False)``, like ``torch.set_grad_enabled``; as a context manager it gives every
+    gate back its own setting on exit. :func:`gateify.flops`, :func:`keep_rates`, :func:`gateify.calibrate` and
+    :func:`gateify.evaluate` turn it on for their own passes.
+    """
+
+    def __init__(self, model: nn.Module, enabled: bool = True) -> None:
+        self._before = [(g, g.record) for g in gates(model).values()]
+        for g, _ in self._before:
+            g.record = bool(enabled)
+
+    def __enter__(self) -> "record_decisions":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for g, before in self._before:
+            g.record = before
+
+
 def training_flags(model: nn.Module) -> dict[nn.Module, bool]:
     """Every module's own train/eval flag: ``model.train(b)`` would overwrite deliberately frozen BatchNorms."""
     return {m: m.training for m in model.modules()}
@@ -174,7 +202,7 @@ def keep_rates(model: nn.Module, inputs: Batches, *, max_batches: Optional[int] 
     kept = dict.fromkeys(found, 0.0)
     n = 0
     device = model_device(model)
-    with torch.no_grad(), evaluating(model):
+    with torch.no_grad(), evaluating(model), record_decisions(model):
         for x in as_batches(inputs, max_batches):
             model(x.to(device))
             n += x.shape[0]

@@ -16,7 +16,7 @@ Which blocks to remove for a FLOPs target is chosen by :func:`select_blocks`:
 from __future__ import annotations
 
 from itertools import islice
-from typing import Iterable, Mapping, Optional, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -61,60 +61,84 @@ def _loss(model: nn.Module, batches: list, device: torch.device) -> float:
     return total / n
 
 
-def select_blocks(model: nn.Module, loader: Iterable, target: float, *, criterion: str = "loss",
-                  max_batches: Optional[int] = 8, nearest: bool = False) -> dict[str, bool]:
+def _removal_order(model: nn.Module, batches: list, costs: CostModel, floor_target: float,
+                   criterion: str) -> list[str]:
+    """Blocks in the order the selector removes them, until executed FLOPs are at or below ``floor_target``."""
+    found = require_gates(model, "select_blocks")
+    keep = {name: True for name in found}
+    if criterion == "keep_rate":
+        with gate_mode(model, "hard"):
+            rates = keep_rates(model, batches)
+        ranked = sorted(found, key=lambda name: rates[name])
+    device = model_device(model)
+    order: list[str] = []
+    while costs.static_fraction(keep) > floor_target:
+        if criterion == "keep_rate":
+            victim = next(name for name in ranked if keep[name])
+        else:
+            trials = {}
+            for name in (n for n in found if keep[n]):
+                set_static(model, {**keep, name: False})
+                trials[name] = _loss(model, batches, device)
+            victim = min(trials, key=trials.get)
+        keep[victim] = False
+        order.append(victim)
+    return order
+
+
+def select_blocks(model: nn.Module, loader: Iterable, target: Union[float, Sequence[float]], *,
+                  criterion: str = "loss", max_batches: Optional[int] = 8,
+                  nearest: bool = False) -> Union[dict[str, bool], list[dict[str, bool]]]:
     """Which blocks to keep so that executed FLOPs are at most ``target`` x dense (see module doc).
 
     Args:
         loader: ``(images, labels)`` batches (training or validation data, never the test set); max_batches: how
             many to use.
+        target: one FLOPs fraction, or several: then one selection per target from a single greedy run, so the
+            selections are nested (a lower target removes every block a higher one removes), as routing among
+            paths (:func:`gateify.route`) needs.
         criterion: ``"loss"`` or ``"keep_rate"``.
         nearest: stop at whichever of the last two selections (just above / at or below the target) is closer to
             it, instead of always at or below: for comparisons at equal FLOPs.
 
     Returns:
-        ``{block: keep}``; the model's modes, decisions and train flags are left as they were.
+        ``{block: keep}`` (a list of them for several targets); the model's modes, decisions and train flags are
+        left as they were.
     """
     found = require_gates(model, "select_blocks")
     if criterion not in ("loss", "keep_rate"):
         raise GateifyError(f"criterion={criterion!r}; use 'loss' or 'keep_rate'.")
+    targets = [float(target)] if isinstance(target, (int, float)) else [float(t) for t in target]
     batches = list(islice(loader, max_batches))
     if not batches:
         raise GateifyError("select_blocks needs at least one (images, labels) batch.")
     before = {name: (g.mode, bool(g.static_keep)) for name, g in found.items()}
     flags = training_flags(model)
     model.eval()
-    device = model_device(model)
     try:
         costs = CostModel.from_report(flops(model, [x for x, _ in batches[:1]]))
-        keep = {name: True for name in found}
         floor = costs.static_fraction({name: False for name in found})
-        if target < floor:
-            raise GateifyError(f"target={target} is below {floor:.3f}, the FLOPs left with every block removed.")
-        if criterion == "keep_rate":
-            with gate_mode(model, "hard"):
-                rates = keep_rates(model, batches)
-            order = sorted(found, key=lambda name: rates[name])
-        previous = dict(keep)
-        while costs.static_fraction(keep) > target:
-            previous = dict(keep)
-            if criterion == "keep_rate":
-                victim = next(name for name in order if keep[name])
-            else:
-                trials = {}
-                for name in (n for n in found if keep[n]):
-                    set_static(model, {**keep, name: False})
-                    trials[name] = _loss(model, batches, device)
-                victim = min(trials, key=trials.get)
-            keep[victim] = False
-        if nearest and abs(costs.static_fraction(previous) - target) < abs(costs.static_fraction(keep) - target):
-            return previous
-        return keep
+        if min(targets) < floor:
+            raise GateifyError(f"target={min(targets)} is below {floor:.3f}, the FLOPs left with every block removed.")
+        order = _removal_order(model, batches, costs, min(targets), criterion)
     finally:
         for name, gate in found.items():
             gate.mode = before[name][0]
             gate.static_keep.fill_(before[name][1])
         restore_training_flags(model, flags)
+    selections = []
+    for t in targets:
+        keep = {name: True for name in found}
+        previous = dict(keep)
+        for victim in order:
+            if costs.static_fraction(keep) <= t:
+                break
+            previous = dict(keep)
+            keep[victim] = False
+        if nearest and abs(costs.static_fraction(previous) - t) < abs(costs.static_fraction(keep) - t):
+            keep = previous
+        selections.append(keep)
+    return selections[0] if isinstance(target, (int, float)) else selections
 
 
 def static_twin(model: nn.Module, loader: Iterable, *, max_batches: Optional[int] = None) -> dict[str, bool]:

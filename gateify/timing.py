@@ -4,22 +4,40 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
 
-__all__ = ["measure_latency"]
+__all__ = ["measure_latency", "measure_latency_spread", "Spread"]
 
 
-def measure_latency(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median milliseconds per call of each ``fn`` after ``warmup`` calls, interleaved round-robin so that drift
-    (clock, cache, other load) hits every variant alike; CUDA events and synchronisation on a GPU."""
-    for fn in fns.values():
+class Spread(NamedTuple):
+    """Milliseconds per call: the median and the quartiles of the timed repeats."""
+
+    median: float
+    q1: float
+    q3: float
+
+
+def measure_latency_spread(fns: Mapping[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                           setups: Optional[Mapping[str, Callable[[], object]]] = None) -> dict[str, Spread]:
+    """Milliseconds per call of each ``fn`` after ``warmup`` calls, interleaved round-robin so that drift (clock,
+    cache, other load) hits every variant alike; CUDA events and synchronisation on a GPU.
+
+    ``setups[key]``, where given, runs before every call of ``fns[key]`` and is not timed: it puts a model shared
+    by several variants into that variant's state (one compiled model, several forced decisions).
+    """
+    setups = setups or {}
+    for key, fn in fns.items():
         for _ in range(warmup):
+            if key in setups:
+                setups[key]()
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
+            if key in setups:
+                setups[key]()
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 torch.cuda.synchronize(device)
@@ -32,4 +50,14 @@ def measure_latency(fns: dict[str, Callable[[], object]], device: torch.device, 
                 t0 = time.perf_counter()
                 fn()
                 times[key].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    out = {}
+    for key, values in times.items():
+        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        out[key] = Spread(statistics.median(values), q[0], q[2])
+    return out
+
+
+def measure_latency(fns: Mapping[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                    setups: Optional[Mapping[str, Callable[[], object]]] = None) -> dict[str, float]:
+    """Median milliseconds per call of each ``fn`` (see :func:`measure_latency_spread`)."""
+    return {k: s.median for k, s in measure_latency_spread(fns, device, warmup, repeats, setups).items()}

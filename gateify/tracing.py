@@ -132,28 +132,37 @@ def discover_blocks(model: nn.Module, leaf_types: Sequence[type], leaf_names: se
                     is_addition: Callable[[fx.Node], bool]) -> tuple[list[str], dict[str, str]]:
     """Paths of the modules whose own forward performs an addition, and the modules that could not be traced.
 
-    A module that fails to trace is called as a whole (a leaf) where it is used, and traced on its own; if its own
-    forward fails, its children are traced one by one. ``leaf_names`` gains the modules made leaves.
+    Every module is traced in eval and in train mode (``if self.training: x = self.extra(x)`` reaches a block in one
+    of them only). A module that fails to trace is called as a whole (a leaf) where it is used, and traced on its
+    own; if its own forward fails, its children are traced one by one. ``leaf_names`` gains the modules made leaves.
     """
     found: list[str] = []
     failures: dict[str, str] = {}
     todo = [""]
-    while todo:
-        path = todo.pop(0)
-        module = model.get_submodule(path)
-        while True:
-            try:
-                graph = trace_module(module, path, leaf_types, leaf_names, autowrap_functions)
-            except TraceFailure as f:
-                failures[f.failed] = str(f)
-                if f.failed == path:  # its own forward: look for blocks among its children
-                    todo.extend(join_path(path, name) for name, _ in module.named_children())
+    flags = training_flags(model)
+    try:
+        while todo:
+            path = todo.pop(0)
+            module = model.get_submodule(path)
+            graphs = []
+            for train in (False, True):
+                module.train(train)
+                while True:
+                    try:
+                        graphs.append(trace_module(module, path, leaf_types, leaf_names, autowrap_functions))
+                    except TraceFailure as f:
+                        failures[f.failed] = str(f)
+                        if f.failed != path:  # a submodule: call it as a whole here, look inside it on its own
+                            leaf_names.add(f.failed)
+                            todo.append(f.failed)
+                            continue
                     break
-                leaf_names.add(f.failed)
-                todo.append(f.failed)
+            if not graphs:  # its own forward: look for blocks among its children
+                todo.extend(join_path(path, name) for name, _ in module.named_children())
                 continue
-            found += [join_path(path, enclosing_module(n)) for n in graph.nodes if is_addition(n)]
-            break
+            found += [join_path(path, enclosing_module(n)) for g in graphs for n in g.nodes if is_addition(n)]
+    finally:
+        restore_training_flags(model, flags)
     return list(dict.fromkeys(found)), failures
 
 

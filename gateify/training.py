@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 
 from .errors import TrainingError
 from .io import atomic_save, check_fits, read_safetensors
-from .modes import gates, evaluating, unwrap
+from .modes import gates, evaluating, record_decisions, unwrap
 from .regularizer import GateRegularizer
+from .routing import RouteLoss
 
 __all__ = ["TrainConfig", "Checkpoint", "EvalResult", "evaluate", "fit", "distill_loss", "make_optimizer"]
 
@@ -178,7 +179,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, chan
     module = unwrap(model)
     found = gates(module)
     labels, preds, decisions = [], [], []
-    with torch.no_grad(), evaluating(module):
+    with torch.no_grad(), evaluating(module), record_decisions(module):
         for x, y in loader:
             x = x.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             preds.append(module(x).argmax(1).cpu())
@@ -209,6 +210,7 @@ def fit(
     device: torch.device,
     *,
     regularizer: Optional[GateRegularizer] = None,
+    routing: Optional[RouteLoss] = None,
     teacher: Optional[nn.Module] = None,
     checkpoint: Optional[Checkpoint] = None,
     resume: bool = False,
@@ -218,8 +220,9 @@ def fit(
 ) -> list[dict[str, float]]:
     """Train ``model`` for ``cfg.epochs`` epochs; returns one dict of statistics per epoch run here.
 
-    ``on_epoch_end(epoch, stats)`` may evaluate and return more statistics to log; it runs before the epoch's
-    checkpoint is written. With ``resume`` and an existing checkpoint, training restarts after its last epoch.
+    ``regularizer`` adds the gate regulariser's terms (controller gates); ``routing`` (a :class:`RouteLoss`) trains a
+    routed model on all its paths at once (the teacher's logits are distilled into every path). ``on_epoch_end(epoch,
+    stats)`` may evaluate and return more statistics to log; it runs before the epoch's checkpoint is written. With ``resume`` and an existing checkpoint, training restarts after its last epoch.
     """
     from tqdm import tqdm
 
@@ -260,13 +263,19 @@ def fit(
                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             y = y.to(device, non_blocking=True)
             with torch.autocast(**autocast):
-                logits = model(x)
-                task = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                teacher_logits = None
                 if teacher is not None and cfg.distill_weight > 0:
                     with torch.no_grad():
-                        teacher_logits = teacher(x)
-                    task = task + cfg.distill_weight * distill_loss(logits.float(), teacher_logits.float(),
-                                                                    cfg.distill_temperature)
+                        teacher_logits = teacher(x).float()
+                if routing is not None:
+                    terms = routing(x, y, teacher_logits)
+                    task, logits = terms.total, terms.logits
+                else:
+                    logits = model(x)
+                    task = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                    if teacher_logits is not None:
+                        task = task + cfg.distill_weight * distill_loss(logits.float(), teacher_logits,
+                                                                        cfg.distill_temperature)
             if regularizer is not None:
                 terms = regularizer(task.float())
                 loss = terms.total

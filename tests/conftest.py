@@ -58,3 +58,34 @@ def resnet20() -> nn.Module:
 @pytest.fixture
 def cifar_batch() -> torch.Tensor:
     return torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def split_decisions(model: nn.Module, batch: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Random controllers, each gate's decision boundary (keep probability 0.5 = the hard threshold) placed in the
+    middle of the widest gap between ``batch``'s keep logits that leaves a sample on either side: every block keeps
+    some samples and skips the others, with a margin that float noise (a sample run alone) cannot cross. One
+    forward pass places every boundary, in execution order, because earlier decisions shape later gates' inputs."""
+    g = torch.Generator().manual_seed(seed)
+    handles = []
+
+    def place_boundary(gate, args):
+        _, inputs, _ = args
+        logits = gate.controller(inputs[gate.ctrl_index]).double().sort().values
+        i = int((logits[1:] - logits[:-1]).argmax())
+        gate.controller.fc2.bias.sub_(float((logits[i] + logits[i + 1]) / 2))
+
+    with torch.no_grad():
+        for gate in gateify.gates(model).values():
+            fc1, fc2 = gate.controller.fc1, gate.controller.fc2
+            fc1.weight.copy_(torch.randn(fc1.weight.shape, generator=g) * 3.0)
+            fc1.bias.copy_(torch.randn(fc1.bias.shape, generator=g))
+            fc2.weight.copy_(torch.randn(fc2.weight.shape, generator=g))
+            fc2.bias.zero_()
+            handles.append(gate.register_forward_pre_hook(place_boundary))
+        gateify.set_mode(model, "hard", threshold=0.5)
+        try:
+            model(batch)
+        finally:
+            for h in handles:
+                h.remove()
+    return model

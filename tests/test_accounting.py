@@ -86,3 +86,27 @@ def test_counting_in_train_mode_leaves_batchnorm_statistics_alone(resnet20, cifa
     before = {k: v.clone() for k, v in gated.state_dict().items()}
     gateify.flops(gated, cifar_batch)
     assert all(torch.equal(before[k], v) for k, v in gated.state_dict().items())
+
+
+def test_calibrate_refuses_cir_gates_that_run_every_branch(resnet20, cifar_batch):
+    gated = gateify.convert(resnet20, gate="cir")
+    with pytest.raises(gateify.GateifyError, match="CIR") as info:
+        gateify.calibrate(gated, cifar_batch, target=0.7)
+    assert isinstance(info.value, gateify.GateConfigError)
+    assert all(float(g.threshold) == 0.5 for g in gateify.gates(gated).values())  # nothing half-set
+    # why: whatever the threshold, a CIR gate computed F(x) for every sample before deciding
+    gateify.set_mode(gated, "hard", threshold=1.5)
+    report = gateify.flops(gated, cifar_batch)
+    assert [b.keep_rate for b in report.blocks] == [0.0] * 9
+    assert report.executed_flops == report.dense_flops + report.gate_flops
+
+
+def test_calibrate_says_when_one_threshold_cannot_reach_the_target(resnet20, cifar_batch):
+    """A fresh conversion gives every sample the same keep probability, so a threshold switches whole blocks:
+    asked for 0.5 of dense, the nearest reachable fraction is far off, and the caller must hear it."""
+    gated = gateify.convert(resnet20)
+    with pytest.warns(gateify.GateifyWarning, match="not the target 0.5") as record:
+        gateify.calibrate(gated, cifar_batch, target=0.5)
+    reached = gateify.flops(gated, cifar_batch).executed_fraction
+    assert abs(reached - 0.5) > 0.02
+    assert f"reached {reached:.3f} of dense" in str(record[0].message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 import gateify
 from gateify.cli import main
 
-from conftest import mix_decisions
+from conftest import mix_decisions, perturb_batchnorm
 
 
 @pytest.fixture
@@ -82,9 +83,11 @@ def test_info_reports_gates_and_flops(gated_file, capsys):
     code, out, _ = run(capsys, "info", gated_file)
     assert code == 0
     model = gateify.load(gated_file).eval()
-    for name, gate in gateify.gates(model).items():  # every block with its mode and threshold
+    for name, gate in gateify.gates(model).items():  # every block with its mode and the threshold in force
         line = next(line for line in out.splitlines() if line.startswith(name + " "))
-        assert gate.mode in line and f"{float(gate.threshold):.4g}" in line
+        rule = "static keep" if gate.mode == "static" else f"{float(gate.threshold):.4g}"
+        assert line.split()[1] == gate.mode and rule in line
+    assert "per gate, 0.4 to 0.48, in force" in out  # the static gate's 0.44 decides nothing
     assert '"name": "resnet20"' in out and '"gate": "controller"' in out
     # the numbers are gateify.flops on the random batch the command describes
     report = gateify.flops(model, torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
@@ -93,10 +96,54 @@ def test_info_reports_gates_and_flops(gated_file, capsys):
     assert "depend on the data" in out and "random" in out
 
 
+def test_info_shows_the_threshold_in_force_not_the_conversion_default(resnet20, cifar_batch, tmp_path, capsys):
+    gated = mix_decisions(gateify.convert(resnet20, threshold=0.5), cifar_batch)
+    gateify.set_mode(gated, "auto", threshold=0.586)  # as calibrate leaves it
+    gateify.save(gated, tmp_path / "calibrated.safetensors")
+    code, out, _ = run(capsys, "info", tmp_path / "calibrated.safetensors")
+    assert code == 0
+    header, table = out.split("\n\n")[:2]
+    assert "threshold     0.586 in force on every deciding gate" in header
+    assert "0.5," not in header and "0.5}" not in header and '"threshold"' not in header  # not the conversion's
+    rows = table.splitlines()[1:]
+    assert len(rows) == 9 and all(row.split()[2] == "0.586" for row in rows)
+
+
 def test_info_at_another_input_size(gated_file, capsys):
     code, out, _ = run(capsys, "info", gated_file, "--input-size", 64, "--samples", 2)
     assert code == 0 and "3x64x64" in out
     assert "162.202 MMACs" in out  # 4x the pixels: 4x the convolution MACs (40.55M at 32x32), the classifier alike
+
+
+def test_convert_a_dense_file_written_by_gateify_save_uses_its_architecture(cifar_batch, tmp_path, capsys):
+    torch.manual_seed(0)
+    plain = perturb_batchnorm(gateify.create_model("resnet20", num_classes=7, in_chans=1)).eval()
+    gateify.save(plain, tmp_path / "dense.safetensors")  # records resnet20, num_classes=7, in_chans=1
+    code, out, err = run(capsys, "convert", tmp_path / "dense.safetensors", "--out", tmp_path / "gated.safetensors")
+    assert (code, err) == (0, "")  # no --arch, --num-classes or --in-chans needed
+    assert out.startswith("resnet20: gated 9 residual blocks") and "dense.safetensors" in out
+    loaded = gateify.set_mode(gateify.load(tmp_path / "gated.safetensors").eval(), "dense")
+    assert gateify.models.architecture_of(loaded) == gateify.models.architecture_of(plain)
+    x = cifar_batch[:, :1]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), plain(x))  # the file's weights, not random ones
+    # options that agree with the file are accepted; ones that contradict it are refused, naming the value
+    code, _, _ = run(capsys, "convert", tmp_path / "dense.safetensors", "--arch", "resnet20", "--num-classes", 7,
+                     "--out", tmp_path / "again.safetensors")
+    assert code == 0
+    code, out, err = run(capsys, "convert", tmp_path / "dense.safetensors", "--num-classes", 10,
+                         "--out", tmp_path / "x.safetensors")
+    assert code == 2 and "--num-classes 10 (the file records 7)" in err
+    code, out, err = run(capsys, "convert", tmp_path / "dense.safetensors", "--arch", "resnet32",
+                         "--out", tmp_path / "x.safetensors")
+    assert code == 2 and "records architecture 'resnet20'" in err
+
+
+def test_convert_an_already_gated_file_says_so(gated_file, tmp_path, capsys):
+    code, out, err = run(capsys, "convert", gated_file, "--out", tmp_path / "twice.safetensors")
+    assert code == 2 and out == ""
+    assert "already converted" in err and "9 gated blocks" in err and "gateify info" in err
+    assert "lacks" not in err and not (tmp_path / "twice.safetensors").exists()
 
 
 def test_bench_times_dense_and_gated(gated_file, capsys):
@@ -136,9 +183,42 @@ def test_usage_errors_exit_2(capsys):
     assert code == 2 and "positive" in err
 
 
+def test_help_imports_neither_torch_nor_timm():
+    """`gateify --help` answers without seconds of imports; timm still gets the CIFAR ResNets when it is imported."""
+    probe = textwrap.dedent("""
+        import sys
+        from gateify.cli import main
+        heavy = lambda: sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "torchvision", "numpy"))
+        assert main(["--help"]) == 0 and main(["--version"]) == 0 and main(["convert", "--help"]) == 0
+        assert heavy() == [], heavy()
+        import timm
+        assert timm.is_model("resnet20") and timm.is_model("resnet110")
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "convert" in result.stdout
+
+
+def test_gate_choices_are_the_gate_kinds():
+    from gateify.cli import GATE_KINDS
+    from gateify.gate import GATE_KINDS as KINDS
+
+    assert GATE_KINDS == tuple(KINDS)
+
+
 def test_python_dash_m_gateify():
     result = subprocess.run([sys.executable, "-m", "gateify", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "convert" in result.stdout and "bench" in result.stdout
     result = subprocess.run([sys.executable, "-m", "gateify", "info", "/nonexistent.safetensors"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: no file at")
+
+
+def test_info_piped_into_head_prints_no_broken_pipe_error(gated_file):
+    """`gateify info FILE | head -n 1`: the reader stops early, which is no error of the user's. Unbuffered, so
+    that the lines after the first are written after head has exited, as they are on a terminal."""
+    command = f"'{sys.executable}' -u -m gateify info '{gated_file}' | head -n 1"
+    result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("file ") and result.stdout.count("\n") == 1
+    assert "Broken pipe" not in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr == ""

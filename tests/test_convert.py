@@ -297,3 +297,113 @@ def test_identity_shortcut_never_overwrites_the_block_input():
             gated(x)
         kept_ref, copy_before = seen["input"]
         assert torch.equal(kept_ref, copy_before)
+
+
+# ---------------------------------------------------------------- residual blocks the forward pass hides
+
+
+class Residual(nn.Module):
+    """relu(x + conv(x)): an 8-channel 3x3 convolution, 8*8*9 MACs per output pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv(x))
+
+
+class Outer(nn.Module):
+    """A residual block whose branch holds another residual block."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.inner = Residual()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(self.inner(self.conv1(x))))
+
+
+class NestedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.b1, self.b2 = Outer(), Residual()
+        self.fc = nn.Linear(8, 4, bias=False)
+
+    def forward(self, x):
+        return self.fc(self.b2(self.b1(self.stem(x))).mean((2, 3)))
+
+
+def test_nested_residual_is_skipped_with_its_outer_block():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    net = NestedNet().eval()
+    with pytest.warns(gateify.GateifyWarning, match="'b1.inner' is a residual block inside the branch of 'b1'"):
+        gated = gateify.convert(net, example_input=x[:2]).eval()
+    assert list(gateify.gates(gated)) == ["b1", "b2"]  # one gate per block that can actually be skipped
+    with torch.no_grad():
+        assert torch.equal(gateify.set_mode(gated, "dense")(x), net(x))
+    gateify.set_mode(gated, "hard", threshold={"b1": 1.5, "b2": 0.0})  # b1 (and with it b1.inner) skipped
+    report = gateify.flops(gated, x)
+    conv = 8 * 8 * 9 * 8 * 8  # MACs of one 8-channel 3x3 convolution on 8x8
+    assert [(b.name, b.keep_rate, b.branch_flops / 2) for b in report.blocks] == [("b1", 0.0, 3 * conv),
+                                                                                 ("b2", 1.0, conv)]
+    stem, fc = 3 * 8 * 9 * 8 * 8, 8 * 4
+    assert report.dense_macs == stem + 4 * conv + fc  # b1's three convolutions, b2's one
+    assert report.executed_macs - report.gate_macs == stem + conv + fc
+    # static pruning of the outer block
+    assert gateify.static_twin(gated, [x]) == {"b1": False, "b2": True}
+    with torch.no_grad():
+        skipped = gated(x)
+        gateify.set_static(gated, {"b1": False})
+        assert torch.equal(gated(x), skipped)
+        plain = gateify.to_static(gated).eval()
+        assert torch.equal(plain(x), skipped)
+        assert torch.equal(skipped, net.fc(net.b2(torch.relu(net.stem(x))).mean((2, 3))))
+    assert not any(k.startswith("b1.") for k in plain.state_dict())
+
+
+class TrainOnlyNet(nn.Module):
+    """A block that only training runs (an auxiliary path, say): an eval-mode forward never reaches it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = Residual()
+        self.extra = nn.Sequential(Residual(), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.b1(self.stem(x))
+        if self.training:
+            x = self.extra(x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["converted-in-train", "converted-in-eval"])
+def test_block_reached_only_in_training_is_gated(train):
+    torch.manual_seed(0)
+    net = TrainOnlyNet().train(train)
+    x = torch.randn(4, 3, 8, 8)
+    gated = gateify.convert(net, example_input=x[:2])
+    assert list(gateify.gates(gated)) == ["b1", "extra.0"]
+    gateify.set_mode(gated, "dense")
+    net.train(), gated.train()
+    expected = net(x)
+    assert torch.equal(gated(x), expected)
+    assert torch.equal(gated.extra[1].running_mean, net.extra[1].running_mean)  # BatchNorm updated alike
+
+
+def test_to_dense_and_to_static_keep_a_frozen_batchnorm_frozen(resnet20, cifar_batch):
+    gated = gateify.convert(resnet20).train()
+    gated.layer1[0].bn1.eval()  # deliberately frozen, as in fine-tuning recipes
+    for plain in (gateify.to_dense(gated), gateify.to_static(gateify.set_static(gated, {"layer2.0": False}))):
+        assert plain.training and plain.layer1[0].training and plain.layer1[0].bn2.training
+        assert not plain.layer1[0].bn1.training
+        before = plain.layer1[0].bn1.running_mean.clone()
+        plain(cifar_batch)  # a training step's forward must not move the frozen statistics
+        assert torch.equal(plain.layer1[0].bn1.running_mean, before)
+        assert not torch.equal(plain.layer1[0].bn2.running_mean, gated.layer1[0].bn2.running_mean)

@@ -23,3 +23,11 @@ def test_snippets_run(path, tmp_path, monkeypatch):
             exec(compile(code, f"{path.name}[block {i + 1}]", "exec"), namespace)
         except Exception as e:  # name the block in the failure
             raise AssertionError(f"{path.name}, python block {i + 1} failed: {type(e).__name__}: {e}\n{code}") from e
+
+
+def test_stack_page_runs_and_is_linked():
+    """docs/stack.md ("Using a gated model in your stack") is one of the pages whose snippets run, and is linked."""
+    stack = ROOT / "docs" / "stack.md"
+    assert stack in FILES and len(BLOCK.findall(stack.read_text())) >= 6
+    assert "(docs/stack.md)" in (ROOT / "README.md").read_text()
+    assert "(stack.md)" in (ROOT / "docs" / "api.md").read_text()

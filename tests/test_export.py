@@ -1,5 +1,6 @@
 """torch.export of hard-gated models (data-dependent skipping kept as torch.cond) and of to_static models; ONNX
-when onnx, onnxscript and onnxruntime are installed (they are not gateify dependencies)."""
+export run in onnxruntime (onnx, onnxscript and onnxruntime are in the ``dev`` extra that ``make test`` installs;
+they are not gateify dependencies)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def gated() -> nn.Module:
     torch.manual_seed(0)
     model = gateify.convert(perturb_batchnorm(gateify.create_model("resnet20"))).eval()
     mix_decisions(model, batch(16, 1))
+    gateify.record_decisions(model)  # kept() reads the eager forward's decisions
     return gateify.set_mode(model, "hard")
 
 
@@ -116,7 +118,7 @@ def test_to_static_exports_without_control_flow(static):
 
 
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")),
-                    reason="ONNX export needs onnx, onnxscript and onnxruntime (not gateify dependencies)")
+                    reason="ONNX export needs onnx, onnxscript and onnxruntime: pip install -e '.[dev]'")
 @pytest.mark.parametrize("which", ["static", "hard"])
 def test_onnx_dynamo_export_runs_in_onnxruntime(which, gated, exported, static, tmp_path):
     import onnx

@@ -1,4 +1,5 @@
-"""The fine-tuning job end to end on the offline default, resume after a kill, NaN guard, DDP on two CPUs."""
+"""The fine-tuning job end to end on the offline default, resume after a kill, NaN guard, DDP on two CPUs; what
+fit and evaluate promise (frozen BatchNorm stays frozen, hard gates in evaluation)."""
 
 import json
 import os
@@ -8,23 +9,39 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gateify
 from gateify.data import load_dataset
 from gateify.training import Checkpoint, TrainConfig, TrainingError, evaluate, fit
 
+from conftest import mix_decisions
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import finetune_cifar  # noqa: E402
 
+# ResNet-20's residual branches at 32x32: two 3x3 convolutions, C*C*9 MACs per output pixel each (layer1.0:
+# 2 * 16*16*9 * 32*32 = 4,718,592); the first block of stages 2 and 3 halves the resolution, its first convolution
+# going from C/2 to C channels
+_STAGE = {1: (16, 32 * 32), 2: (32, 16 * 16), 3: (64, 8 * 8)}
+RESNET20_BRANCH_MACS = {
+    f"layer{s}.{b}": ((c // 2 if b == 0 and s > 1 else c) * c * 9 + c * c * 9) * pixels
+    for s, (c, pixels) in _STAGE.items() for b in range(3)}
+# stem 1 -> 16 channels at 32x32, the nine branches, the 64 -> 10 classifier
+RESNET20_DIGITS_MACS = 1 * 16 * 9 * 32 * 32 + sum(RESNET20_BRANCH_MACS.values()) + 64 * 10
+# each controller: pooled C -> 32 -> 1, C being the block's input channels
+RESNET20_GATE_MACS = sum(c * 32 + 32 for c in [16] * 4 + [32] * 3 + [64] * 2)
+
 TINY = ["--dataset", "digits", "--dense-epochs", "1", "--epochs", "1", "--workers", "0", "--device", "cpu"]
+GATED = ["--method", "gated"]  # the default is routed (test_routed_run_reports_what_its_saved_model_does)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    metrics = finetune_cifar.run(finetune_cifar.build_parser().parse_args(TINY + ["--out", str(out)]))
+    metrics = finetune_cifar.run(finetune_cifar.build_parser().parse_args(TINY + GATED + ["--out", str(out)]))
     return out, metrics
 
 
@@ -35,31 +52,80 @@ def test_outputs_and_metrics(run):
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["kind"] == "gated" and metrics["preset"] == "balanced" and metrics["epochs"] == 1
-    for key in ("test_acc", "test_acc_dense", "source_test_acc", "static_twin_acc"):
-        assert 0.0 <= metrics[key] <= 1.0
-    assert round(metrics["dense_macs"] / 1e6, 2) == 40.26  # ResNet-20 with a 1-channel stem, per 32x32 image
-    assert metrics["executed_macs"] == pytest.approx(
-        metrics["dense_macs"] * (1 - metrics["flops_saved"]), rel=1e-6)
-    assert len(metrics["keep_rate_per_block"]) == 9 and len(metrics["minority_share_per_block"]) == 9
+    # ResNet-20 on 1-channel 32x32 images, counted by hand (option-A shortcuts have no convolution)
+    assert metrics["block_macs"] == RESNET20_BRANCH_MACS
+    assert metrics["dense_macs"] == RESNET20_DIGITS_MACS
+    assert metrics["gate_macs"] == RESNET20_GATE_MACS
+    # realised FLOPs: the dense model, less each branch's MACs for the test images that skipped it, plus the gates
+    keep = metrics["keep_rate_per_block"]
+    executed = (RESNET20_DIGITS_MACS + RESNET20_GATE_MACS
+                - sum(macs * (1 - keep[name]) for name, macs in RESNET20_BRANCH_MACS.items()))
+    assert metrics["executed_macs"] == pytest.approx(executed, rel=1e-6)
+    assert metrics["flops_saved"] == pytest.approx(1 - executed / RESNET20_DIGITS_MACS, rel=1e-5)
+    assert len(metrics["minority_share_per_block"]) == 9
     assert all(0 <= v <= 0.5 for v in metrics["minority_share_per_block"].values())
     assert all(len(v) == 10 for v in metrics["keep_rate_per_class"].values())
     rows = (out / "log.csv").read_text().splitlines()
     assert rows[0].startswith("phase,") and [r.split(",")[0] for r in rows[1:]] == ["dense", "gated"]
 
 
-def test_saved_model_reproduces_the_reported_accuracy(run):
+def accuracy(model, loader, kept=None) -> float:
+    """Plain top-1 accuracy in eval(), gates in whatever inference mode they are in, no gateify helper; ``kept``
+    (a dict) receives each gate's fraction of samples kept."""
+    model.eval()
+    correct, counts = 0, {}
+    with torch.no_grad(), gateify.record_decisions(model):
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            for name, gate in gateify.gates(model).items():
+                counts[name] = counts.get(name, 0) + int(gate.last.gate.sum())
+    n = len(loader.dataset)
+    if kept is not None:
+        kept.update({name: c / n for name, c in counts.items()})
+    return correct / n
+
+
+def test_saved_models_reproduce_the_reported_accuracies(run):
     out, metrics = run
-    model = gateify.load(out / "gated.safetensors").eval()  # architecture rebuilt from the file's metadata
     test = DataLoader(load_dataset("digits").test, batch_size=256)
-    result = evaluate(model, test, torch.device("cpu"))
-    assert result.accuracy == metrics["test_acc"]
-    assert result.keep_rate() == pytest.approx(metrics["keep_rate_per_block"])
+    model = gateify.load(out / "gated.safetensors")  # architecture rebuilt from the file's metadata
+    kept = {}
+    assert accuracy(model, test, kept) == pytest.approx(metrics["test_acc"], abs=1e-6)
+    assert kept == pytest.approx(metrics["keep_rate_per_block"], abs=1e-6)  # what the FLOPs above rest on
+    with gateify.gate_mode(model, "dense"):
+        assert accuracy(model, test) == pytest.approx(metrics["test_acc_dense"], abs=1e-6)
+    gateify.set_static(model, metrics["static_twin_blocks"])
+    assert accuracy(model, test) == pytest.approx(metrics["static_twin_acc"], abs=1e-6)
+    source = gateify.load(out / "dense.safetensors")
+    assert accuracy(source, test) == pytest.approx(metrics["source_test_acc"], abs=1e-6)
 
 
 def test_resume_picks_up_finished_phases(run, tmp_path):
     out, metrics = run
-    again = finetune_cifar.run(finetune_cifar.build_parser().parse_args(TINY + ["--out", str(out), "--resume"]))
+    again = finetune_cifar.run(finetune_cifar.build_parser().parse_args(TINY + GATED + ["--out", str(out), "--resume"]))
     assert again["test_acc"] == metrics["test_acc"] and again["flops_saved"] == metrics["flops_saved"]
+
+
+def test_routed_run_reports_what_its_saved_model_does(tmp_path):
+    out = tmp_path / "routed"
+    metrics = finetune_cifar.run(finetune_cifar.build_parser().parse_args(TINY + ["--out", str(out)]))
+    assert metrics["kind"] == "routed" and metrics["preset"] == "balanced"
+    test = DataLoader(load_dataset("digits").test, batch_size=256)
+    model = gateify.load(out / "routed.safetensors")
+    assert gateify.is_routed(model)
+    paths = gateify.routing_paths(model)
+    assert [dict(p) for p in paths] == metrics["route"]["paths_blocks"]
+    # the saved model runs at the main target's threshold: same accuracy, same realised MACs
+    assert accuracy(model, test) == pytest.approx(metrics["test_acc"], abs=1e-6)
+    counted = gateify.flops(model, [x for x, _ in test])
+    assert counted.executed_macs == pytest.approx(metrics["executed_macs"], rel=1e-9)
+    # each path alone is a point too: the cheapest path for all costs its static FLOPs (no routing overhead
+    # beyond the confidence test), the deepest path for all costs more
+    by_label = {p["label"]: p for p in metrics["routed_points"]}
+    cheap, deep = by_label["path 0"], by_label[f"path {len(paths) - 1}"]
+    assert cheap["level_shares"][0] == 1.0 and deep["level_shares"][-1] == 1.0
+    assert cheap["flops_saved"] > metrics["flops_saved"] > deep["flops_saved"] > 0
+    assert 1 - cheap["flops_saved"] == pytest.approx(metrics["route"]["paths_flops"][0], abs=0.01)
 
 
 def test_missing_cifar_exits_with_instructions(tmp_path, capsys):
@@ -171,3 +237,60 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     assert ranks[0]["state_sum"] == ranks[1]["state_sum"]
     assert ranks[0]["test_acc"] == ranks[1]["test_acc"]
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_fit_leaves_a_frozen_batchnorm_frozen():
+    model = gated_model().train()
+    frozen, live = model.layer1[0].bn1.eval(), model.layer1[0].bn2  # frozen on purpose, as fine-tuning recipes do
+    before = {name: t.clone() for name, t in frozen.named_buffers()}
+    live_before = live.running_mean.clone()
+    fit(model, tiny_loader(), TrainConfig(epochs=1, lr=0.05), torch.device("cpu"))
+    assert not frozen.training and model.training
+    assert all(torch.equal(t, before[name]) for name, t in frozen.named_buffers())
+    assert not torch.equal(live.running_mean, live_before)  # the epoch did update the others
+
+
+def known_answer_loader(model, n=48, right=30):
+    """Images labelled with ``model``'s own prediction for the first ``right`` and a wrong class for the others:
+    the accuracy of ``model`` on them is ``right / n`` exactly."""
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)
+    y[right:] = (y[right:] + 1) % 10
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def test_evaluate_uses_hard_gates_whatever_mode_training_left(resnet20):
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    gated = gateify.set_mode(mix_decisions(gateify.convert(resnet20), x), "hard")
+    loader = known_answer_loader(gated)
+    hard = evaluate(gated, loader, torch.device("cpu"))
+    assert hard.accuracy == 30 / 48 and hard.decisions.dtype == torch.bool
+    assert 0 < hard.decisions.float().mean() < 1  # mixed decisions: noise would show
+    gateify.set_mode(gated, "gumbel")  # noise 1: what a training loop leaves behind
+    gated.train()
+    results = [evaluate(gated, loader, torch.device("cpu")) for _ in range(2)]
+    for result in results:
+        assert result.accuracy == 30 / 48
+        assert result.decisions.dtype == torch.bool and torch.equal(result.decisions, hard.decisions)
+        assert torch.equal(result.predictions, hard.predictions)
+    assert {g.mode for g in gateify.gates(gated).values()} == {"gumbel"} and gated.training  # as it was
+
+
+class Wrapped(nn.Module):
+    """A backbone in an attribute called ``module`` with a head of its own: not a DDP wrapper."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = gateify.create_model("resnet20", num_classes=16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.module(x))
+
+
+def test_evaluate_runs_the_whole_model_when_a_submodule_is_named_module():
+    torch.manual_seed(0)
+    model = Wrapped()
+    result = evaluate(model, known_answer_loader(model, right=48), torch.device("cpu"))
+    assert result.accuracy == 1.0

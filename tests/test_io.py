@@ -61,7 +61,7 @@ def saved(request, tmp_path_factory):
     found[list(found)[-1]].mode = "dense"  # one gate in another mode: modes are stored per gate
     path = tmp_path_factory.mktemp("io") / f"{name.replace(':', '_')}.safetensors"
     gateify.save(gated, path)
-    with torch.no_grad():
+    with torch.no_grad(), gateify.record_decisions(gated):
         y = gated(x)
     return dict(name=name, size=size, x=x, gated=gated, path=path, y=y, decisions=decisions(gated))
 
@@ -74,7 +74,7 @@ def assert_same_model(loaded: nn.Module, case: dict) -> None:
     for (name, a), b in zip(gateify.gates(loaded).items(), gateify.gates(gated).values()):
         assert float(a.threshold) == float(b.threshold) and a.mode == b.mode, name
     loaded.eval()
-    with torch.no_grad():
+    with torch.no_grad(), gateify.record_decisions(loaded):
         y = loaded(case["x"])
     assert torch.equal(y, case["y"])
     got = decisions(loaded)
@@ -349,3 +349,86 @@ def test_load_dense_shape_mismatch_copies_nothing(victim):
 def test_plain_file_into_a_converted_model(resnet20, victim, tmp_path):
     gateify.save(resnet20, tmp_path / "plain.safetensors")
     refused(victim, "plain \\(ungated\\) model", tmp_path / "plain.safetensors")
+
+
+# ------------------------------------------------------------------------------- what is saved, and what not
+
+
+class Wrapped(nn.Module):
+    """A backbone in an attribute called ``module`` (as wrappers often name it), with a head of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = gateify.create_model("resnet20", num_classes=16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.module(x))
+
+
+def test_save_keeps_every_tensor_of_a_model_with_a_submodule_named_module(cifar_batch, tmp_path):
+    torch.manual_seed(0)
+    model = perturb_batchnorm(Wrapped()).eval()
+    gated = mix_decisions(gateify.convert(model, example_input=cifar_batch[:2]), cifar_batch).eval()
+    gateify.save(gated, tmp_path / "wrapped.safetensors")
+    torch.manual_seed(1)
+    loaded = gateify.load(tmp_path / "wrapped.safetensors", model=Wrapped()).eval()
+    expected, got = gated.state_dict(), loaded.state_dict()
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    with torch.no_grad():
+        assert torch.equal(loaded(cifar_batch), gated(cifar_batch))
+    # a real wrapper is looked through, by its type: the same file as from the model itself
+    gateify.save(nn.DataParallel(gated), tmp_path / "data_parallel.safetensors")
+    tensors = read_safetensors(tmp_path / "data_parallel.safetensors")[0]
+    assert tensors.keys() == expected.keys() and all(torch.equal(tensors[k], v) for k, v in expected.items())
+    assert gateify.unwrap(nn.DataParallel(gated)) is gated and gateify.unwrap(gated) is gated
+
+
+class Squeeze(nn.Module):
+    """Squeeze-excitation whose excitation layer is called ``gate``, as in many SE implementations."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.gate = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.gate(x.mean((2, 3), keepdim=True)))
+
+
+class SEBlock(nn.Module):
+    def __init__(self, c, attr):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.attr = attr
+        setattr(self, attr, Squeeze(c))
+
+    def forward(self, x):
+        return torch.relu(x + getattr(self, self.attr)(self.conv(x)))
+
+
+class SENet(nn.Module):
+    def __init__(self, attr):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1, self.b2 = SEBlock(8, attr), SEBlock(8, attr)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.b2(self.b1(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("attr", ["se", "gate"], ids=["block.se.gate", "block.gate.gate"])
+def test_load_dense_loads_the_source_models_own_gate_modules(attr):
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    source = SENet(attr).eval()
+    torch.manual_seed(1)
+    gated = gateify.convert(SENet(attr), example_input=x[:2]).eval()
+    assert list(gateify.gates(gated)) == ["b1", "b2"]
+    gateify.load_dense(gated, source.state_dict())
+    own = f"b1.{attr}.gate.weight"  # the source's excitation weights, not an inserted gate's
+    assert torch.equal(gated.state_dict()[own], source.state_dict()[own])
+    gateify.set_mode(gated, "dense")
+    with torch.no_grad():
+        assert torch.equal(gated(x), source(x))

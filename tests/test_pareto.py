@@ -1,29 +1,56 @@
-"""examples/pareto.py on the offline default, shrunk to one epoch per phase: points, matching, files."""
+"""examples/pareto.py: the multi-seed sweep's files, points, interpolated margins and cascades (smoke run on digits),
+and its statistics on numbers whose answer is known."""
 
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import pareto  # noqa: E402
 
 
-def test_pareto_sweep_on_offline_default(tmp_path):
-    pareto.main(["--dataset", "digits", "--dense-epochs", "1", "--epochs", "1", "--workers", "0", "--device", "cpu",
-                 "--presets", "balanced", "--static-budgets", "0.5", "--out", str(tmp_path)])
+def test_quick_sweep_writes_every_kind_with_mean_std_and_seeds(tmp_path):
+    pareto.main(["--quick", "--dataset", "digits", "--jobs", "1", "--device", "cpu", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "pareto.json").read_text())
-    points = result["points"]
-    assert [p["kind"] for p in points] == ["dense", "dense_continued", "gated", "static", "static"]
-    for p in points:
-        assert {"kind", "label", "test_acc", "flops_saved", "epochs"} <= set(p)
-        assert 0.0 <= p["test_acc"] <= 1.0
-    assert all(p["epochs"] == 1 for p in points[1:])  # equal fine-tuning budget for every kind
-    gated, statics = points[2], points[3:]
-    assert any(abs(s["flops_saved"] - gated["flops_saved"]) <= 0.12 for s in statics)  # within one block's cost
-    assert min(s["flops_saved"] for s in statics) < max(s["flops_saved"] for s in statics)  # two budgets
-    for m in result["margins"]:
-        assert abs(m["gated_saved"] - m["static_saved"]) <= pareto.MATCH
-        assert m["margin"] == m["gated_acc"] - m["static_acc"]
+    kinds = {p["kind"] for p in result["points"]}
+    assert {"dense", "dense_continued", "static", "routed", "routed_path", "cascade"} <= kinds
+    for p in result["points"]:
+        assert {"kind", "label", "test_acc", "flops_saved", "epochs", "seeds"} <= set(p)
+        assert set(p["test_acc"]) == {"mean", "std", "values"} and len(p["test_acc"]["values"]) == len(p["seeds"])
+    fine_tuned = [p for p in result["points"] if p["kind"] not in ("dense",)]
+    assert {p["epochs"] for p in fine_tuned} == {1}  # equal fine-tuning budget for every kind
+    routed = next(p for p in result["points"] if p["kind"] == "routed")
+    paths = sorted((p for p in result["points"] if p["kind"] == "routed_path"), key=lambda p: p["flops_saved"]["mean"])
+    # a calibrated routed point lies between its deepest and its cheapest path in FLOPs
+    assert paths[0]["flops_saved"]["mean"] <= routed["flops_saved"]["mean"] <= paths[-1]["flops_saved"]["mean"]
+    assert all(m["seeds"] == 1 and m["margin_std"] == 0.0 and not m["beyond_2std"] for m in result["margins"])
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
-    assert (tmp_path / "gated_balanced" / "metrics.json").is_file()
+    assert (tmp_path / "seed0" / "routed_balanced" / "metrics.json").is_file()
+
+
+def test_margins_interpolate_each_seeds_own_static_curve():
+    runs = []
+    for seed, shift in ((0, 0.0), (1, 0.02)):  # seed 1's static curve lies 2 points higher
+        runs += [{"kind": "dense_continued", "label": "dense +ft", "seed": seed, "flops_saved": 0.0,
+                  "test_acc": 0.90 + shift},
+                 {"kind": "static", "label": "s40", "seed": seed, "flops_saved": 0.4, "test_acc": 0.86 + shift},
+                 {"kind": "static", "label": "s80", "seed": seed, "flops_saved": 0.8, "test_acc": 0.70 + shift},
+                 {"kind": "routed", "label": "r", "seed": seed, "flops_saved": 0.6, "test_acc": 0.81 + 2 * shift}]
+    (m,) = pareto.margins(runs)
+    # static at 60%: halfway between 0.86 and 0.70 = 0.78 (seed 0), 0.80 (seed 1); routed 0.81, 0.85
+    assert m["margin_values"] == pytest.approx([0.03, 0.05])
+    assert m["margin"] == pytest.approx(0.04) and m["margin_std"] == pytest.approx(0.02 ** 0.5 / 10)
+    assert m["beyond_2std"]  # 0.04 > 2 x 0.0141
+    assert pareto.interpolate([(0.0, 0.9), (0.4, 0.86)], 0.5) is None  # no extrapolation
+
+
+def test_aggregate_gives_mean_and_sample_std_over_seeds():
+    runs = [{"kind": "static", "label": "s", "seed": s, "test_acc": a, "flops_saved": 0.5, "epochs": 5}
+            for s, a in enumerate((0.80, 0.82, 0.84))]
+    (entry,) = pareto.aggregate(runs)
+    assert entry["test_acc"]["mean"] == pytest.approx(0.82)
+    assert entry["test_acc"]["std"] == pytest.approx(0.02)  # sample standard deviation (n - 1)
+    assert entry["seeds"] == [0, 1, 2]

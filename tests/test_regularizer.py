@@ -60,7 +60,7 @@ def test_noise_perturbs_the_forward_pass_not_the_counted_decisions(setup, cifar_
     mix_decisions(gated, cifar_batch)
     first = next(iter(gateify.gates(gated).values()))
     gateify.set_mode(gated.eval(), "hard")
-    with torch.no_grad():
+    with torch.no_grad(), gateify.record_decisions(gated):
         gated(cifar_batch)
     hard = first.last.gate.clone()
     gateify.set_mode(gated, "gumbel", noise=2.0)
@@ -118,29 +118,52 @@ def test_block_granularity_targets_every_block(setup, cifar_batch):
     assert reg.flops_loss().item() == pytest.approx(20.0 * ((rates - keep) ** 2).mean().item(), rel=1e-5)
 
 
-def test_consistency_targets_highest_cir(setup, cifar_batch):
-    gated, report = setup
-    reg = GateRegularizer(gated, report, "balanced")
-    gated.train()(cifar_batch)
-    gate = next(iter(gateify.gates(gated).values()))
-    record = gate.last
-    k = int(record.decision.sum())
-    expected = torch.zeros(16)
-    expected[record.cir.topk(k).indices] = 1.0
-    bce = [F.binary_cross_entropy(g.last.keep_prob.clamp(1e-6, 1 - 1e-6),
-                                  _topk_target(g.last)) for g in gateify.gates(gated).values()]
-    assert reg.consistency_loss().item() == pytest.approx(torch.stack(bce).mean().item(), rel=1e-5)
-    assert torch.equal(_topk_target(record), expected)
-    reg.consistency_loss().backward()
-    assert gate.controller.fc2.bias.grad.abs() > 0
+class Mirror(torch.nn.Module):
+    """``x + F(x)`` with ``F(x) = (x0, -x1)``: CIR = 1 - cos(x, F(x)) = 1 - (x0^2 - x1^2) / |x|^2, known per input."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.diag(torch.tensor([1.0, -1.0])))
+
+    def forward(self, x):
+        return x + self.lin(x)
 
 
-def _topk_target(record):
-    target = torch.zeros_like(record.keep_prob)
-    k = int(round(record.decision.sum().item()))
-    if k:
-        target[record.cir.topk(k).indices] = 1.0
-    return target
+class MirrorNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Mirror()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_consistency_pulls_the_gate_toward_the_highest_cir_samples():
+    # CIR 0, 2, 1, 0.4; the controller's logit is x0 - x1 - 0.5 = 0.5, -1.5, -0.5, 0.5: it keeps samples 0 and 3,
+    # so the two samples the block should keep are the two of highest CIR, 1 and 2: targets 0, 1, 1, 0
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+    gated = gateify.convert(MirrorNet(), example_input=x[:2], hidden=2, noise=0.0)
+    gate = gateify.gates(gated)["block"]
+    with torch.no_grad():
+        gate.controller.fc1.weight.copy_(torch.eye(2))
+        gate.controller.fc1.bias.zero_()
+        gate.controller.fc2.weight.copy_(torch.tensor([[1.0, -1.0]]))
+        gate.controller.fc2.bias.fill_(-0.5)
+    reg = GateRegularizer(gated, {"block": 4.0}, "balanced", dense_flops=8.0)
+    gateify.set_mode(gated, "gumbel")(x)
+    assert torch.allclose(gate.last.cir, torch.tensor([0.0, 2.0, 1.0, 0.4]), atol=1e-6)
+    assert gate.last.decision.tolist() == [1.0, 0.0, 0.0, 1.0]
+    loss = reg.consistency_loss()
+    # binary cross-entropy: -log(1 - sigmoid(z)) = softplus(z) for a target 0, -log(sigmoid(z)) = softplus(-z) for 1
+    sp = lambda z: math.log1p(math.exp(z))  # noqa: E731
+    assert loss.item() == pytest.approx((sp(0.5) + sp(1.5) + sp(0.5) + sp(0.5)) / 4, rel=1e-6)
+    loss.backward()
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    # d BCE / d logit = p - target, averaged: raising the bias helps samples 1, 2 and hurts 0, 3
+    expected = (sig(0.5) + (sig(-1.5) - 1) + (sig(-0.5) - 1) + sig(0.5)) / 4
+    assert float(gate.controller.fc2.bias.grad) == pytest.approx(expected, rel=1e-5)
 
 
 def test_refusals(resnet20, setup):
@@ -168,3 +191,19 @@ def test_keep_floor_reopens_a_block_every_sample_skips(setup, cifar_batch):
     assert loss.item() >= 20.0 * 0.25 ** 2 / 9  # this block alone is 0.25 under the floor
     loss.backward()
     assert float(closed.controller.fc2.bias.grad) < 0  # raising the logit lowers the loss: the block can reopen
+
+
+def test_cir_gates_flops_term_trains_the_gates_only(resnet20, cifar_batch):
+    """The FLOPs term may move decisions, never the features: with CIR gates, its gradient must stop at the
+    gates' own scale and offset. And a CIR gate holds no controller, which DDP would wait on in vain."""
+    gated = gateify.convert(resnet20, gate="cir")
+    reg = GateRegularizer(gated, gateify.flops(gated.eval(), cifar_batch), config_with("balanced", target=0.5))
+    reg.step(1.0)
+    gated.train()(cifar_batch)
+    reg.flops_loss().backward()
+    found = gateify.gates(gated)
+    gate_params = {id(p) for g in found.values() for p in g.parameters()}
+    backbone = {n: p.grad for n, p in gated.named_parameters() if id(p) not in gate_params}
+    assert backbone and [n for n, grad in backbone.items() if grad is not None and grad.any()] == []
+    assert not any(hasattr(g, "controller") for g in found.values())
+    assert all(g.cir.scale.grad.abs() > 0 for g in found.values())  # the term does reach the gates

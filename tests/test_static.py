@@ -78,7 +78,7 @@ def test_to_static_equals_static_mode_and_exports(resnet20, cifar_batch):
 
 def test_static_twin_is_the_majority_decision(resnet20, cifar_batch):
     gated = mix_decisions(gateify.convert(resnet20), cifar_batch).eval()
-    with torch.no_grad():
+    with torch.no_grad(), gateify.record_decisions(gated):
         gated(cifar_batch)
     rates = {name: float(g.last.gate.float().mean()) for name, g in gateify.gates(gated).items()}
     twin = gateify.static_twin(gated, [cifar_batch])
