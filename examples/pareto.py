@@ -16,7 +16,7 @@ Every point is reported as mean and standard deviation over the seeds. A routed 
 curve interpolated at its own realised FLOPs, seed by seed (same dense model); a margin smaller than two standard
 deviations of those per-seed margins is a tie. Writes pareto.json, pareto.png (error bars) and one folder per run.
 
-    python examples/pareto.py                         # offline default: animals-c, ResNet-20, 3 seeds
+    python examples/pareto.py                         # offline default: animals-c, ResNet-20, 3 seeds (25 min, 2 cores)
     python examples/pareto.py --quick --out /tmp/p    # a smoke run (CI): 1 seed, 1 epoch per phase
 """
 
@@ -43,7 +43,9 @@ _logger = logging.getLogger("pareto")
 def build_parser() -> argparse.ArgumentParser:
     parser = finetune_cifar.build_parser()
     parser.description = __doc__
-    parser.set_defaults(out="runs/pareto", dataset="animals-c", dense_epochs=10, epochs=5, lr=0.05, workers=0)
+    # the sweep reads each run's final figures only: no test pass after every epoch
+    parser.set_defaults(out="runs/pareto", dataset="animals-c", dense_epochs=10, epochs=5, lr=0.05, workers=0,
+                        eval_every=0)
     group = parser.add_argument_group("sweep")
     group.add_argument("--seeds", type=int, default=3, help="independent repeats, each from its own dense model")
     group.add_argument("--jobs", type=int, default=3,
