@@ -305,9 +305,10 @@ def route_points(model: torch.nn.Module, test: DataLoader, val: DataLoader, args
     low, high = costs.static_fraction(paths[0]), costs.static_fraction(paths[-1])
     # a target outside the paths' own FLOPs cannot be met by a threshold: those are left out, not forced
     targets = [target_of(args)] + [t for t in floats(args.targets) if t != target_of(args) and low <= t <= high]
-    points = []
+    points, thresholds = [], []
     for target in targets:
         threshold = gateify.calibrate(model, val_images, target, max_error=1.0)
+        thresholds.append(threshold)
         result = evaluate(model, test, device, channels_last=cl)
         counted = gateify.flops(model, test_images)
         points.append({"label": f"routed@{target:.2f}", "target": target, "threshold": threshold,
@@ -322,7 +323,7 @@ def route_points(model: torch.nn.Module, test: DataLoader, val: DataLoader, args
                        "val_acc": evaluate(alone, val, device, channels_last=cl).accuracy,
                        "flops_saved": 1 - executed / dense_macs, "executed_macs": executed,
                        "level_shares": [float(j == k) for j in range(len(paths))]})
-    gateify.calibrate(model, val_images, targets[0], max_error=1.0)  # the saved model runs at the main target
+    gateify.set_mode(model, "route", threshold=thresholds[0])  # the saved model runs at the main target
     return points
 
 

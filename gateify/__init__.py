@@ -72,7 +72,7 @@ _EXPORTS = {
     "EvalResult": "training",
     "Checkpoint": "training",
     "make_optimizer": "training",
-    "distill_loss": "training",
+    "distill_loss": "regularizer",
     # models and files
     "create_model": "models",
     "save": "io",
@@ -126,11 +126,11 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .models import create_model
     from .compiling import compile
     from .modes import evaluating, gate_mode, gates, keep_rates, record_decisions, set_mode, unwrap
-    from .regularizer import PRESETS, GateRegularizer, LossTerms, RegularizerConfig
+    from .regularizer import PRESETS, GateRegularizer, LossTerms, RegularizerConfig, distill_loss
     from .routing import (ROUTE_PRESETS, RouteLoss, RoutePreset, is_routed, level_shares, route, routing_paths,
                           select_paths)
     from .static import seed_gates, select_blocks, set_static, static_flops_fraction, static_twin
-    from .training import Checkpoint, EvalResult, TrainConfig, distill_loss, evaluate, fit, make_optimizer
+    from .training import Checkpoint, EvalResult, TrainConfig, evaluate, fit, make_optimizer
 
 
 # resnet20/32/44/56/110 go into timm's registry when timm is imported: now if it is already, else right after

@@ -34,7 +34,14 @@ from .accounting import CostModel, FlopsReport
 from .errors import GateConfigError, GateifyError
 from .modes import require_gates
 
-__all__ = ["RegularizerConfig", "PRESETS", "GateRegularizer", "LossTerms", "ramp", "config_with"]
+__all__ = ["RegularizerConfig", "PRESETS", "GateRegularizer", "LossTerms", "ramp", "config_with", "distill_loss"]
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's KL(teacher || student) at ``temperature``, scaled by T^2 so its gradients match CE's scale."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                    reduction="batchmean") * t * t
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from torch import nn
 from .errors import GateConfigError
 from .gate import GateRecord, ResidualGate, RouteState
 from .modes import require_gates, set_mode
+from .regularizer import distill_loss
 from .static import select_blocks
 
 __all__ = ["RoutePreset", "ROUTE_PRESETS", "route", "select_paths", "routing_paths", "is_routed", "level_shares", "RouteLoss", "RouteTerms",
@@ -221,12 +222,6 @@ class RouteTerms(NamedTuple):
     logits: torch.Tensor
 
 
-def _distill(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
-                    reduction="batchmean") * t * t
-
-
 class RouteLoss:
     """The training step of a routed model: every path on every sample (see module doc).
 
@@ -264,9 +259,9 @@ class RouteLoss:
         for k in range(levels):
             loss = F.cross_entropy(per_level[k], y, label_smoothing=self.label_smoothing)
             if teacher_logits is not None and self.distill_weight > 0:
-                loss = loss + self.distill_weight * _distill(per_level[k], teacher_logits.float(), self.temperature)
+                loss = loss + self.distill_weight * distill_loss(per_level[k], teacher_logits.float(), self.temperature)
             if k < levels - 1 and self.self_distill > 0:
-                loss = loss + self.self_distill * _distill(per_level[k], deepest, self.temperature)
+                loss = loss + self.self_distill * distill_loss(per_level[k], deepest, self.temperature)
             losses.append(loss)
         total = torch.stack(losses).mean()
         return RouteTerms(total, [float(v.detach()) for v in losses], per_level[-1])

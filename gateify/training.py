@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from .errors import TrainingError
 from .io import atomic_save, check_fits, read_safetensors
 from .modes import gates, evaluating, record_decisions, unwrap
-from .regularizer import GateRegularizer
+from .regularizer import GateRegularizer, distill_loss
 from .routing import RouteLoss
 
 __all__ = ["TrainConfig", "Checkpoint", "EvalResult", "evaluate", "fit", "distill_loss", "make_optimizer"]
@@ -53,13 +53,6 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     amp: bool = False
     seed: int = 0
-
-
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's KL(teacher || student) at ``temperature``, scaled by T^2 so its gradients match CE's scale."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
-                    reduction="batchmean") * t * t
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:

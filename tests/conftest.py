@@ -27,11 +27,8 @@ def perturb_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def mix_decisions(model: nn.Module, batch: torch.Tensor, seed: int = 0) -> nn.Module:
-    """Random controllers, each centred on ``batch`` so that about half of the samples skip each block."""
-    g = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
+def randomise_controllers(model: nn.Module, g: torch.Generator) -> None:
+    """Random controller weights (keep logits spread differently per block); the output bias is zeroed."""
     with torch.no_grad():
         for gate in gateify.gates(model).values():
             fc1, fc2 = gate.controller.fc1, gate.controller.fc2
@@ -39,6 +36,15 @@ def mix_decisions(model: nn.Module, batch: torch.Tensor, seed: int = 0) -> nn.Mo
             fc1.bias.copy_(torch.randn(fc1.bias.shape, generator=g))
             fc2.weight.copy_(torch.randn(fc2.weight.shape, generator=g))
             fc2.bias.zero_()
+
+
+def mix_decisions(model: nn.Module, batch: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Random controllers, each centred on ``batch`` so that about half of the samples skip each block."""
+    g = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    randomise_controllers(model, g)
+    with torch.no_grad():
         for gate in gateify.gates(model).values():  # in execution order: earlier decisions shape later inputs
             logits = []
             handle = gate.controller.register_forward_hook(lambda m, i, o: logits.append(o))
@@ -47,6 +53,19 @@ def mix_decisions(model: nn.Module, batch: torch.Tensor, seed: int = 0) -> nn.Mo
             gate.controller.fc2.bias.sub_(logits[0].median() + 1e-3)
     model.train(was_training)
     return model
+
+
+class Wrapped(nn.Module):
+    """A backbone in an attribute called ``module`` (as wrappers often name it) with a head of its own: not a DDP
+    wrapper, so unwrapping it would lose the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = gateify.create_model("resnet20", num_classes=16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.module(x))
 
 
 @pytest.fixture
@@ -74,13 +93,9 @@ def split_decisions(model: nn.Module, batch: torch.Tensor, seed: int = 0) -> nn.
         i = int((logits[1:] - logits[:-1]).argmax())
         gate.controller.fc2.bias.sub_(float((logits[i] + logits[i + 1]) / 2))
 
+    randomise_controllers(model, g)
     with torch.no_grad():
         for gate in gateify.gates(model).values():
-            fc1, fc2 = gate.controller.fc1, gate.controller.fc2
-            fc1.weight.copy_(torch.randn(fc1.weight.shape, generator=g) * 3.0)
-            fc1.bias.copy_(torch.randn(fc1.bias.shape, generator=g))
-            fc2.weight.copy_(torch.randn(fc2.weight.shape, generator=g))
-            fc2.bias.zero_()
             handles.append(gate.register_forward_pre_hook(place_boundary))
         gateify.set_mode(model, "hard", threshold=0.5)
         try:

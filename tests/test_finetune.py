@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gateify
 from gateify.data import load_dataset
 from gateify.training import Checkpoint, TrainConfig, TrainingError, evaluate, fit
 
-from conftest import mix_decisions
+from conftest import Wrapped, mix_decisions
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -275,18 +274,6 @@ def test_evaluate_uses_hard_gates_whatever_mode_training_left(resnet20):
         assert result.decisions.dtype == torch.bool and torch.equal(result.decisions, hard.decisions)
         assert torch.equal(result.predictions, hard.predictions)
     assert {g.mode for g in gateify.gates(gated).values()} == {"gumbel"} and gated.training  # as it was
-
-
-class Wrapped(nn.Module):
-    """A backbone in an attribute called ``module`` with a head of its own: not a DDP wrapper."""
-
-    def __init__(self):
-        super().__init__()
-        self.module = gateify.create_model("resnet20", num_classes=16)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.head(self.module(x))
 
 
 def test_evaluate_runs_the_whole_model_when_a_submodule_is_named_module():

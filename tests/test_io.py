@@ -16,7 +16,7 @@ from torch import nn
 import gateify
 from gateify.io import FORMAT_VERSION, read_safetensors
 
-from conftest import mix_decisions, perturb_batchnorm
+from conftest import Wrapped, mix_decisions, perturb_batchnorm
 
 # (model name, input size): ImageNet-size models at 64x64 to stay fast
 CASES = [("resnet20", 32), ("resnet18", 64), ("torchvision:resnet18", 64)]
@@ -352,18 +352,6 @@ def test_plain_file_into_a_converted_model(resnet20, victim, tmp_path):
 
 
 # ------------------------------------------------------------------------------- what is saved, and what not
-
-
-class Wrapped(nn.Module):
-    """A backbone in an attribute called ``module`` (as wrappers often name it), with a head of its own."""
-
-    def __init__(self):
-        super().__init__()
-        self.module = gateify.create_model("resnet20", num_classes=16)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.head(self.module(x))
 
 
 def test_save_keeps_every_tensor_of_a_model_with_a_submodule_named_module(cifar_batch, tmp_path):
