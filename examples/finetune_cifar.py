@@ -35,7 +35,7 @@ from gateify.data import DATASETS, DataSplits, load_dataset
 from gateify.models import input_shape
 from gateify.regularizer import PRESETS, RegularizerConfig, config_with
 from gateify.static import seed_gates
-from gateify.training import Checkpoint, EvalResult, TrainConfig, evaluate, fit
+from gateify.training import Checkpoint, TrainConfig, evaluate, fit
 from safetensors.torch import save_file
 
 _logger = logging.getLogger("finetune")
@@ -227,7 +227,8 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
     facts. Every choice made on data (paths, static blocks, thresholds) uses the validation split."""
     teacher = copy.deepcopy(dense).eval() if args.distill > 0 else None
     facts: dict[str, Any] = {}
-    regularizer = routing = None
+    regularizer = None
+    self_distill = 0.0
     costs: Optional[gateify.CostModel] = None
     if kind == "dense_continued":
         model = copy.deepcopy(dense)
@@ -248,8 +249,8 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
         elif kind == "routed":
             plan = route_preset(args)
             paths = gateify.select_paths(model, val, plan.paths)
-            gateify.route(model, paths)
-            routing = gateify.RouteLoss(model, distill_weight=args.distill, self_distill=plan.self_distill)
+            model = gateify.route(model, paths, inplace=True)  # fit() trains it with RouteLoss on every path
+            self_distill = plan.self_distill
             facts["route"] = {**plan.to_dict(), "paths_blocks": paths,
                               "paths_flops": [costs.static_fraction(p) for p in paths]}
         else:  # static: the blocks to remove for the same FLOPs target
@@ -264,10 +265,8 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
     # static mode leaves removed branches unused; a CIR gate never calls a controller
     unused = kind in ("static", "routed") or (kind == "gated" and args.gate == "cir")
     wrapped = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
-    if routing is not None and world > 1:
-        routing.model = wrapped
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, amp=args.amp, seed=args.seed + 1,
-                      distill_weight=args.distill, grad_clip=args.grad_clip)
+                      distill_weight=args.distill, grad_clip=args.grad_clip, self_distill=self_distill)
 
     def after(epoch: int, stats: dict[str, float]) -> dict[str, float]:
         if not logged_epoch(epoch, cfg.epochs, args):
@@ -280,7 +279,7 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
         return {"test_acc": result.accuracy, "flops_saved": saved}
 
     start = time.perf_counter()
-    fit(wrapped, train, cfg, device, regularizer=regularizer, routing=routing, teacher=teacher,
+    fit(wrapped, train, cfg, device, regularizer=regularizer, teacher=teacher,
         checkpoint=Checkpoint(os.path.join(args.out, f"checkpoint_{kind}.safetensors")), resume=args.resume,
         on_epoch_end=None if kind == "routed" else after, channels_last=channels_last(args), progress_desc=kind)
     facts["finetune_seconds"] = time.perf_counter() - start
@@ -295,14 +294,14 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
 def route_points(model: torch.nn.Module, test: DataLoader, val: DataLoader, args: argparse.Namespace,
                  device: torch.device, dense_macs: float) -> list[dict[str, Any]]:
     """One routed model at several operating points: the threshold calibrated on validation images for each target
-    (then counted on the test set), and every path alone as the plain pruned model it is (``gateify.to_static``:
-    its own FLOPs, no second pass)."""
+    (then counted on the test set), and every path alone as the plain pruned model it is (``routed.path(k)``: its
+    own FLOPs, no second pass)."""
     cl = channels_last(args)
     val_images = [x.to(device) for x, _ in val]
     test_images = [x for x, _ in test]
-    paths = gateify.routing_paths(model)
-    costs = gateify.CostModel.from_report(gateify.flops(model, test_images[:1]))
-    low, high = costs.static_fraction(paths[0]), costs.static_fraction(paths[-1])
+    alone = [model.path(k).eval() for k in range(model.levels)]
+    fractions = [gateify.flops(m, test_images[0][:1]).executed_macs / dense_macs for m in alone]
+    low, high = fractions[0], fractions[-1]
     # a target outside the paths' own FLOPs cannot be met by a threshold: those are left out, not forced
     targets = [target_of(args)] + [t for t in floats(args.targets) if t != target_of(args) and low <= t <= high]
     points, thresholds = [], []
@@ -314,28 +313,16 @@ def route_points(model: torch.nn.Module, test: DataLoader, val: DataLoader, args
         points.append({"label": f"routed@{target:.2f}", "target": target, "threshold": threshold,
                        "test_acc": result.accuracy, "val_acc": evaluate(model, val, device, channels_last=cl).accuracy,
                        "flops_saved": 1 - counted.executed_macs / dense_macs, "executed_macs": counted.executed_macs,
-                       "level_shares": route_shares(model, result)})
-    for k, path in enumerate(paths):
-        alone = gateify.to_static(model, keep=path).eval()
-        executed = gateify.flops(alone, test_images[:1]).executed_macs
+                       "level_shares": result.level_shares(model.levels)})
+    for k, path in enumerate(alone):
+        executed = fractions[k] * dense_macs
         points.append({"label": f"path {k}", "target": None, "threshold": None,
-                       "test_acc": evaluate(alone, test, device, channels_last=cl).accuracy,
-                       "val_acc": evaluate(alone, val, device, channels_last=cl).accuracy,
+                       "test_acc": evaluate(path, test, device, channels_last=cl).accuracy,
+                       "val_acc": evaluate(path, val, device, channels_last=cl).accuracy,
                        "flops_saved": 1 - executed / dense_macs, "executed_macs": executed,
-                       "level_shares": [float(j == k) for j in range(len(paths))]})
-    gateify.set_mode(model, "route", threshold=thresholds[0])  # the saved model runs at the main target
+                       "level_shares": [float(j == k) for j in range(model.levels)]})
+    model.threshold.fill_(thresholds[0])  # the saved model runs at the main target
     return points
-
-
-def route_shares(model: torch.nn.Module, result: EvalResult) -> list[float]:
-    """Fraction of the test samples that ended on each path, from the per-block decisions of evaluate()."""
-    paths = gateify.routing_paths(model)
-    decisions = result.decisions.float()
-    shares = []
-    for k, path in enumerate(paths):
-        kept = torch.tensor([path[b] for b in result.blocks], dtype=torch.float32)
-        shares.append(float((decisions == kept).all(1).float().mean()))
-    return shares
 
 
 def report(kind: str, model: torch.nn.Module, dense: torch.nn.Module, data: DataSplits, test: DataLoader,
@@ -375,6 +362,8 @@ def report(kind: str, model: torch.nn.Module, dense: torch.nn.Module, data: Data
             metrics["static_twin_blocks"] = twin_keep
             metrics["static_twin_acc"] = evaluate(twin, test, device, channels_last=cl).accuracy
             metrics["static_twin_flops_saved"] = 1 - gateify.flops(twin, test_images[:1]).executed_macs / dense_macs
+    elif gateify.is_routed(model):  # the fine-tuned weights with every block: what the paths share
+        metrics["test_acc_dense"] = evaluate(model.network, test, device, channels_last=cl).accuracy
     else:
         metrics["test_acc_dense"] = result.accuracy
     metrics.update(facts)

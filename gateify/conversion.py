@@ -245,9 +245,6 @@ def _replace_gated_blocks(model: nn.Module, keep: Callable[[str, ResidualGate], 
     plain = {block: inline_block(work.get_submodule(block), decisions) for block, decisions in blocks.items()}
     for block, module in plain.items():  # all built first: a failure above leaves the model as it was
         work.set_submodule(block, module)
-    for hooks in (work._forward_pre_hooks, work._forward_hooks):  # gateify.route's passes need the gates
-        for key in [k for k, hook in hooks.items() if getattr(hook, "gateify_routing", False)]:
-            del hooks[key]
     return work
 
 
