@@ -1,11 +1,12 @@
 """gateify's CIFAR ResNets are timm citizens, and a converted timm model keeps its source's timm interface (issue 23).
 
-The first part checks, on every model ``import gateify`` registers (``timm.list_models(module="cifar_resnet")``), the
-conventions timm's own ``tests/test_models.py`` checks on its models: default cfgs and head shapes, ``reset_classifier``,
-``forward_intermediates`` / ``prune_intermediate_layers`` / every ``features_only`` class, grad checkpointing,
-TorchScript and FX + TorchScript. The assertions are written for gateify (timm's test file is not copied here);
-``scripts/timm_model_tests.py`` runs timm's real file on these models. The second part checks converted models
-(a timm ResNet-18 at 64x64, ResNet-20) with hard gates that skip part of the batch, and in dense mode.
+The first part checks, on every model ``import gateify`` registers (``timm.list_models(module="cifar_resnet")``),
+the conventions timm's own ``tests/test_models.py`` checks on its models: default cfgs and head shapes,
+``reset_classifier``, ``forward_intermediates`` / ``prune_intermediate_layers`` / every ``features_only`` class,
+grad checkpointing, TorchScript and FX + TorchScript. The assertions are written for gateify (timm's test file is
+not copied here); ``scripts/timm_model_tests.py`` runs timm's real file on these models. The second part checks
+converted models (a timm ResNet-18 at 64x64, ResNet-20) with hard gates that skip part of the batch, and in dense
+mode.
 """
 
 from __future__ import annotations
