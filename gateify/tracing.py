@@ -102,10 +102,17 @@ def trace_module(module: nn.Module, prefix: str, leaf_types: Sequence[type], lea
     local = [n[cut:] for n in leaf_names if not prefix or n.startswith(prefix + ".")]
     tracer = GateifyTracer(leaf_types, local, autowrap_functions)
     try:
-        return tracer.trace(module)
+        graph = tracer.trace(module)
     except Exception as e:
         path, cls = tracer.failed_module or ("", type(module).__name__)
         raise TraceFailure(join_path(prefix, path), cls, e) from e
+    for node in graph.nodes:
+        # a forward written under ``from __future__ import annotations`` has string annotations; fx writes them into
+        # the generated code as undefined names ('torch.Tensor' -> _torch_Tensor_), which TorchScript then rejects
+        # (to_dense/to_static blocks must script as their source did). Unannotated means Tensor to TorchScript.
+        if isinstance(node.type, str):
+            node.type = None
+    return graph
 
 
 def untraceable_message(failures: dict[str, str]) -> str:
