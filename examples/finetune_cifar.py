@@ -36,7 +36,7 @@ from gateify.data import DATASETS, DEFAULT_FIT, FITS, DataSplits, load_dataset
 from gateify.models import input_shape
 from gateify.regularizer import PRESETS, RegularizerConfig, config_with
 from gateify.static import seed_gates
-from gateify.training import Checkpoint, TrainConfig, evaluate, fit
+from gateify.training import Checkpoint, TrainConfig, evaluate, fit, recalibrate_batchnorm
 from safetensors.torch import save_file
 
 _logger = logging.getLogger("finetune")
@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--calibrate", action="store_true",
                        help="gated: after fine-tuning, set the hard threshold so executed FLOPs meet the target on "
                             "validation images (gateify.calibrate; never on the test set). Routed runs always do.")
+    train.add_argument("--recal-bn", action="store_true",
+                       help="gated: after fine-tuning (and --calibrate), re-estimate BatchNorm statistics on the training "
+                            "images under the hard decisions (gateify.training.recalibrate_batchnorm); metrics.json "
+                            "keeps the accuracy before it too")
     train.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
     train.add_argument("--seed", type=int, default=0)
     run = p.add_argument_group("run")
@@ -292,6 +296,11 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
     facts["finetune_seconds"] = time.perf_counter() - start
     if kind == "gated" and args.calibrate:
         facts["calibrated_threshold"] = gateify.calibrate(model, [x.to(device) for x, _ in val], target_of(args))
+    if kind == "gated" and args.recal_bn:
+        before = evaluate(model, test, device, channels_last=channels_last(args))
+        facts["before_recal_bn"] = {"test_acc": before.accuracy,
+                                    "flops_saved": 1 - costs.fraction(before.keep_rate(), gates_run=True)}
+        recalibrate_batchnorm(model, DataLoader(data.calibration, batch_size=256), device)
     return model.eval(), facts
 
 

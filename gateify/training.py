@@ -31,7 +31,8 @@ from .modes import gates, evaluating, record_decisions, unwrap
 from .regularizer import GateRegularizer, distill_loss
 from .routing import RouteLoss, is_routed
 
-__all__ = ["TrainConfig", "Checkpoint", "EvalResult", "evaluate", "fit", "distill_loss", "make_optimizer"]
+__all__ = ["TrainConfig", "Checkpoint", "EvalResult", "evaluate", "fit", "distill_loss", "make_optimizer",
+           "recalibrate_batchnorm"]
 
 _logger = logging.getLogger(__name__)
 
@@ -198,6 +199,79 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, chan
     return EvalResult(float((labels_t == preds_t).float().mean()), labels_t, preds_t,
                       torch.cat(decisions) if decisions else None, list(found),
                       torch.cat(levels) if levels else None)
+
+
+def recalibrate_batchnorm(model: nn.Module, loader: Any, device: torch.device, *,
+                          max_batches: Optional[int] = None) -> dict[str, int]:
+    """Re-estimate every BatchNorm's running statistics on ``loader`` under the decisions inference makes.
+
+    In ``"gumbel"`` training every branch runs on the whole batch, so a branch's BatchNorm statistics mix the samples
+    its gate keeps with those it skips; at inference only the kept ones enter it. This re-estimates the running mean
+    and variance of every ``_BatchNorm`` as a cumulative average (``momentum=None``) over ``loader``'s images, each
+    branch on the samples its gate keeps (DS-Net, slimmable networks). The decisions are those of inference: a first
+    pass in ``eval()`` with the current statistics records every controller's logits, and the second pass (BatchNorm
+    in training mode, gates in ``"hard"`` mode, those in ``"static"``/``"dense"`` mode as they are) replays them, so
+    that batch statistics cannot move a decision. No gradient, no parameter changes. A BatchNorm that no sample
+    reached keeps its previous statistics. Modes, train/eval flags and momenta are restored.
+
+    Returns:
+        ``{BatchNorm module name: batches it saw}``.
+    """
+    module = unwrap(model)
+    norms = {name: m for name, m in module.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    saved = {name: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
+             for name, m in norms.items()}
+    found = gates(module)
+    modes = {name: g.mode for name, g in found.items()}
+    flags = {m: m.training for m in module.modules()}
+    images = []
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        images.append((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
+    logits: dict[str, list[torch.Tensor]] = {name: [] for name in found}
+    handles = []
+    try:
+        for g in found.values():
+            if g.mode in ("auto", "gumbel"):
+                g.mode = "hard"
+        scorers = {name: g.scorer for name, g in found.items() if g.scorer.decides_from_input}
+        module.eval()
+        handles = [s.register_forward_hook(lambda m, i, o, name=name: logits[name].append(o.detach()))
+                   for name, s in scorers.items()]
+        with torch.no_grad():
+            for x in images:  # the decisions inference makes, with the statistics the model has now
+                module(x)
+        for h in handles:
+            h.remove()
+        replay = {name: iter(v) for name, v in logits.items()}
+        handles = [s.register_forward_hook(lambda m, i, o, name=name: next(replay[name]))
+                   for name, s in scorers.items()]
+        module.train()
+        for m in norms.values():
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch counts the same
+        with torch.no_grad():
+            for x in images:
+                module(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for name, g in found.items():
+            g.mode = modes[name]
+        for m, flag in flags.items():
+            m.training = flag
+        for name, m in norms.items():
+            m.momentum = saved[name][3]
+    seen = {}
+    for name, m in norms.items():
+        seen[name] = int(m.num_batches_tracked)
+        if seen[name] == 0:  # nobody ran this branch: keep what it had
+            m.running_mean.copy_(saved[name][0])
+            m.running_var.copy_(saved[name][1])
+            m.num_batches_tracked.copy_(saved[name][2])
+    return seen
 
 
 def _is_main() -> bool:

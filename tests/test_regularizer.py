@@ -207,3 +207,129 @@ def test_cir_gates_flops_term_trains_the_gates_only(resnet20, cifar_batch):
     assert backbone and [n for n, grad in backbone.items() if grad is not None and grad.any()] == []
     assert not any(hasattr(g, "controller") for g in found.values())
     assert all(g.cir.scale.grad.abs() > 0 for g in found.values())  # the term does reach the gates
+
+
+# ------------------------------------------------------------------------------------------ recipes (issue 21)
+
+
+def test_beta_cdf_matches_closed_forms_and_its_gradient_is_the_density():
+    from gateify.regularizer import beta_cdf
+
+    x = torch.tensor([0.01, 0.2, 0.5, 0.77, 0.99], dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(beta_cdf(x, 1.0, 1.0), x, atol=1e-10)  # uniform
+    assert torch.allclose(beta_cdf(x, 2.0, 1.0), x ** 2, atol=1e-10)
+    arcsine = 2 / math.pi * torch.asin(x.sqrt())  # Beta(1/2, 1/2)
+    assert torch.allclose(beta_cdf(x, 0.5, 0.5), arcsine, atol=1e-9)
+    a, b = 0.7, 0.3  # the shape batch-shaping uses (mean 0.7, U-shaped)
+    beta_cdf(x, a, b).sum().backward()
+    density = torch.distributions.Beta(torch.tensor(a, dtype=torch.float64),
+                                       torch.tensor(b, dtype=torch.float64)).log_prob(x.detach()).exp()
+    assert torch.allclose(x.grad, density, rtol=1e-6)
+    # and the CDF is the integral of that density (midpoint rule away from the singular ends)
+    grid = torch.linspace(0.2, 0.8, 60001, dtype=torch.float64)
+    mid = (grid[1:] + grid[:-1]) / 2
+    integral = (torch.distributions.Beta(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+                .log_prob(mid).exp() * (grid[1] - grid[0])).sum()
+    assert float(beta_cdf(torch.tensor(0.8), a, b) - beta_cdf(torch.tensor(0.2), a, b)) == pytest.approx(
+        float(integral), rel=1e-5)
+
+
+def test_bounds_relax_from_the_target_to_the_unit_interval():
+    from gateify.regularizer import bounds_at
+
+    assert bounds_at(0.0, 0.3, 0.6) == pytest.approx((0.6, 0.6))
+    lower, upper = bounds_at(0.15, 0.3, 0.6)  # half way: p = cos^2(pi/4) = 1/2
+    assert (lower, upper) == pytest.approx((0.3, 0.8))
+    assert bounds_at(0.3, 0.3, 0.6) == pytest.approx((0.0, 1.0)) and bounds_at(0.9, 0.3, 0.6) == pytest.approx((0, 1))
+
+
+def test_bounds_penalise_exactly_the_blocks_outside_them(setup, cifar_batch):
+    """Early in training a block that every sample skips (or keeps) is outside the bounds and pulled back in; once
+    the bounds are relaxed the same decisions cost nothing beyond the model-level term."""
+    gated, report = setup
+    cfg = config_with("balanced", min_keep=0.0, bounds=0.3, target=0.7)
+    reg = GateRegularizer(gated, report, cfg)
+    k = reg.block_keep_target()
+    with torch.no_grad():
+        for name, gate in gateify.gates(gated).items():
+            gate.controller.fc2.bias.fill_(-30.0 if name == "layer2.1" else 30.0)  # one block off, the rest on
+    gated.train()
+    plain = GateRegularizer(gated, report, config_with("balanced", min_keep=0.0, target=0.7))
+    for progress, inside in ((0.1, False), (0.5, True)):
+        reg.step(progress)
+        plain.step(progress)
+        gated(cifar_batch)
+        lower, upper = reg.keep_bounds()
+        rates = {n: float(g.last.decision.detach().mean()) for n, g in gateify.gates(gated).items()}
+        expected = sum(max(0.0, r - upper) ** 2 + max(0.0, lower - r) ** 2 for r in rates.values()) / len(rates)
+        extra = reg.flops_loss().item() - plain.flops_loss().item()
+        assert extra == pytest.approx(cfg.flops_weight * expected, rel=1e-5, abs=1e-9)
+        assert (extra == pytest.approx(0.0, abs=1e-9)) == inside
+    reg.step(0.1)
+    gated(cifar_batch)
+    assert 0 < reg.keep_bounds()[0] < k < reg.keep_bounds()[1] < 1
+    reg.flops_loss().backward()
+    off, on = gateify.gates(gated)["layer2.1"], gateify.gates(gated)["layer1.0"]
+    assert float(off.controller.fc2.bias.grad) < 0 < float(on.controller.fc2.bias.grad)  # both pulled inside
+
+
+def test_bounds_hold_keep_rates_in_training(resnet20, cifar_batch):
+    """Gradient steps on the bounds term alone bring every block's keep rate inside its bounds: blocks that start
+    all-off or all-on end up routing between ``lower`` and ``upper``."""
+    gated = gateify.convert(resnet20, noise=0.0)
+    report = gateify.flops(gated.eval(), cifar_batch)
+    mix_decisions(gated, cifar_batch)
+    with torch.no_grad():
+        for i, gate in enumerate(gateify.gates(gated).values()):
+            gate.controller.fc2.bias.add_(-20.0 if i % 2 else 20.0)  # alternate blocks: all-off, all-on
+    reg = GateRegularizer(gated, report, config_with("balanced", min_keep=0.0, bounds=0.5, target=0.7))
+    gated.train()
+    for m in gated.modules():  # the features stay fixed: only the decisions move
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    opt = torch.optim.SGD([g.controller.fc2.bias for g in gateify.gates(gated).values()], lr=2.0)
+    reg.step(0.2)
+    lower, upper = reg.keep_bounds()
+    assert 0.1 < lower < upper < 0.9
+    gated(cifar_batch)
+    first = [float(g.last.decision.mean()) for g in gateify.gates(gated).values()]
+    assert set(first) == {0.0, 1.0}
+    inside = None
+    for _ in range(300):
+        gated(cifar_batch)
+        rates = [float(g.last.decision.detach().mean()) for g in gateify.gates(gated).values()]
+        loss = reg.bounds_loss()
+        if all(lower <= r <= upper for r in rates):
+            inside = rates
+            break
+        assert loss.item() > 0  # a rate outside the bounds always costs something
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert inside is not None and loss.item() == 0.0, (lower, upper, rates)
+
+
+def test_batch_shaping_reaches_the_loss_and_prefers_conditional_gates(setup, cifar_batch):
+    from gateify.regularizer import beta_cdf
+
+    gated, report = setup
+    mix_decisions(gated, cifar_batch)
+    reg = GateRegularizer(gated, report, config_with("balanced", shaping_weight=2.0, consistency_weight=0.0,
+                                                         anneal=0.5))
+    assert reg.step(0.0)["shaping_weight"] == 2.0 and reg.step(0.5)["shaping_weight"] == 0.0
+    reg.step(0.0)
+    gated.train()(cifar_batch)
+    terms = reg(torch.zeros(()))
+    assert terms.shaping is not None and terms.shaping.item() > 0
+    assert terms.total.item() == pytest.approx(terms.flops.item() + 2.0 * terms.shaping.item(), rel=1e-5)
+    off = GateRegularizer(gated, report, config_with("balanced", consistency_weight=0.0))
+    off.step(0.0)
+    assert off(torch.zeros(())).shaping is None
+    # the prior Beta(k, 1 - k) is U-shaped: every sample at p = k costs more than the samples split near 0 and 1
+    k = reg.block_keep_target()
+    quantiles = torch.arange(1, 17) / 17
+    same = ((beta_cdf(torch.full((16,), k), k, 1 - k) - quantiles) ** 2).mean()
+    split = torch.where(torch.arange(16) < round(16 * (1 - k)), 0.02, 0.98)
+    assert ((beta_cdf(split, k, 1 - k) - quantiles) ** 2).mean() < same / 3
+    reg.shaping_loss().backward()  # and its gradient reaches the controllers
+    assert all(float(g.controller.fc2.weight.grad.abs().sum()) > 0 for g in gateify.gates(gated).values())

@@ -1,0 +1,76 @@
+"""Recipes of issue 21 that live outside the regulariser: BatchNorm recalibration on the gated decisions, and the
+example's flags that carry the recipes to the loss."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gateify
+from gateify.training import recalibrate_batchnorm
+
+from conftest import split_decisions
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import finetune_cifar  # noqa: E402
+
+
+def test_recalibration_gives_each_branch_the_statistics_of_the_samples_it_runs(resnet20, cifar_batch):
+    gated = gateify.convert(resnet20)
+    split_decisions(gated, cifar_batch)  # every block keeps some samples and skips the others (hard mode)
+    found = gateify.gates(gated)
+    gateify.set_mode(gated, "auto")
+    found["layer3.0"].threshold.fill_(2.0)  # this block now skips every sample
+    gated.train()
+    seen = {}
+
+    def remember(module, inputs, output, name):  # the last input each BatchNorm saw (the training-mode pass)
+        seen[name] = inputs[0].detach()
+
+    names = ["bn1", "layer2.1.bn1", "layer3.0.bn1"]  # the stem's, a routing branch's, a branch nobody enters
+    hooks = [gated.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: remember(m, i, o, n)) for n in names]
+    old = gated.get_submodule("layer3.0.bn1").running_mean.clone()
+    counts = recalibrate_batchnorm(gated, [(cifar_batch, torch.zeros(16))], torch.device("cpu"))
+    for h in hooks:
+        h.remove()
+    assert seen["bn1"].shape[0] == 16  # the stem runs on every sample
+    kept = seen["layer2.1.bn1"].shape[0]
+    assert 0 < kept < 16  # the branch's BatchNorm saw only the samples its gate keeps
+    for name in ("bn1", "layer2.1.bn1"):
+        bn, x = gated.get_submodule(name), seen[name]
+        assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-5)
+        assert torch.allclose(bn.running_var, x.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+        assert counts[name] == 1 and bn.momentum == 0.1  # one batch seen; the momentum is restored
+    assert "layer3.0.bn1" not in seen and counts["layer3.0.bn1"] == 0
+    assert torch.equal(gated.get_submodule("layer3.0.bn1").running_mean, old)  # untouched, not reset
+    assert gated.training and all(g.mode == "auto" for g in found.values())  # flags and modes restored
+
+
+def test_recalibration_changes_the_gated_models_eval_output_only_through_batchnorm(resnet20, cifar_batch):
+    gated = gateify.convert(resnet20)
+    split_decisions(gated, cifar_batch)
+    before = {k: v.clone() for k, v in gated.state_dict().items()}
+    recalibrate_batchnorm(gated, [cifar_batch], torch.device("cpu"))
+    after = gated.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked")
+                           for k in changed)
+
+
+@pytest.mark.slow
+def test_recipe_flags_reach_the_gated_run(tmp_path):
+    """--reg bounds/shaping_weight reach the regulariser (metrics.json records them), --gate-init static starts from
+    the static selection, and --recal-bn reports the accuracy before and after recalibration."""
+    out = tmp_path / "gated"
+    finetune_cifar.main(["--dataset", "digits", "--dense-epochs", "1", "--epochs", "1", "--workers", "0", "--device",
+                         "cpu", "--method", "gated", "--no-plots", "--eval-every", "0", "--out", str(out),
+                         "--reg", "bounds=0.3", "--reg", "shaping_weight=0.5", "--reg", "min_keep=0",
+                         "--gate-init", "static", "--recal-bn"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["regularizer"]["bounds"] == 0.3 and m["regularizer"]["shaping_weight"] == 0.5
+    assert m["regularizer"]["min_keep"] == 0
+    assert set(m["gate_init_blocks"]) == set(m["keep_rate_per_block"]) and not all(m["gate_init_blocks"].values())
+    assert set(m["before_recal_bn"]) == {"test_acc", "flops_saved"}
