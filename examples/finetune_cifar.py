@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="routed: more executed FLOPs fractions to calibrate to and report, from the same model")
     train.add_argument("--self-distill", type=float, default=None,
                        help="routed: distillation of the cheaper paths from the deepest (default: the preset's)")
+    train.add_argument("--path-norms", action="store_true",
+                       help="routed: every deeper path keeps its own BatchNorm statistics after it departs "
+                            "(gateify.route(path_norms=True))")
     train.add_argument("--reg", action="append", default=[], metavar="KEY=VALUE",
                        help="gated: override a regulariser field of the preset, e.g. --reg granularity=block")
     train.add_argument("--baseline", default="none", choices=("none", *BASELINES),
@@ -249,7 +252,7 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
         elif kind == "routed":
             plan = route_preset(args)
             paths = gateify.select_paths(model, val, plan.paths)
-            model = gateify.route(model, paths, inplace=True)  # fit() trains it with RouteLoss on every path
+            model = gateify.route(model, paths, path_norms=args.path_norms, inplace=True)  # fit(): RouteLoss
             self_distill = plan.self_distill
             facts["route"] = {**plan.to_dict(), "paths_blocks": paths,
                               "paths_flops": [costs.static_fraction(p) for p in paths]}

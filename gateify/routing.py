@@ -45,7 +45,7 @@ from .rewrite import inline_block
 from .segments import RoutePlan, plan_routes, trace_modes
 from .static import select_blocks
 
-__all__ = ["RoutePreset", "ROUTE_PRESETS", "RoutedModel", "route", "select_paths", "routing_paths", "is_routed",
+__all__ = ["RoutePreset", "ROUTE_PRESETS", "RoutedModel", "PathNorm", "route", "select_paths", "routing_paths", "is_routed",
            "level_shares", "RouteLoss", "RouteTerms", "routing_metadata", "route_from_metadata"]
 
 
@@ -90,6 +90,39 @@ class RouteResult(NamedTuple):
     levels: torch.Tensor
 
 
+class PathNorm(nn.Module):
+    """One path's running statistics for one BatchNorm of the network, with the network's affine parameters.
+
+    A BatchNorm after the point where two paths part sees different activations on each path; one set of running
+    statistics for both is a mixture that fits neither (slimmable networks keep BatchNorm per width for this reason).
+    With ``gateify.route(..., path_norms=True)`` every level ``k >= 1`` normalises with its own statistics, updated
+    when it trains, while the weight and bias stay shared by every path. ``forward(x, weight, bias)``: ``x`` as the
+    BatchNorm takes it; the statistics start as a copy of the network's.
+    """
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm, source: str) -> None:
+        super().__init__()
+        self.source = source  # the BatchNorm's path in the network
+        self.momentum, self.eps = norm.momentum, norm.eps
+        self.register_buffer("running_mean", norm.running_mean.detach().clone())
+        self.register_buffer("running_var", norm.running_var.detach().clone())
+        self.register_buffer("num_batches_tracked", norm.num_batches_tracked.detach().clone())
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training:  # as torch.nn.BatchNorm: a cumulative average when momentum is None
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training, factor, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"source={self.source!r}"
+
+
+_PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # exactly these: subclasses (BatchNormAct) do more
+
+
 class RoutedModel(nn.Module):
     """A network that routes each sample among nested static paths (see module doc); built by :func:`route`.
 
@@ -111,10 +144,12 @@ class RoutedModel(nn.Module):
 
     def __init__(self, network: nn.Module, paths: Sequence[Mapping[str, bool]], blocks: Mapping[str, Mapping[str, str]],
                  block_graphs: Sequence[Mapping[str, fx.Graph]], block_classes: Mapping[str, str],
-                 tracer_kwargs: Mapping[str, Any]) -> None:
+                 tracer_kwargs: Mapping[str, Any], path_norms: bool = False) -> None:
         super().__init__()
         self.network = network
         self.training = network.training  # a routed model starts in the mode of the model it was made from
+        if path_norms:
+            self.path_norms = nn.ModuleDict()  # level -> {BatchNorm path with "_" for ".": PathNorm}
         self.register_buffer("threshold_bits",
                              torch.full((len(paths) - 1,), 0.5, device=model_device(network)).view(torch.int32))
         self.paths: tuple[dict[str, bool], ...] = tuple(dict(p) for p in paths)
@@ -124,10 +159,34 @@ class RoutedModel(nn.Module):
         differ = [[b for b, names in blocks.items() if any(paths[k][n] != paths[k - 1][n] for n in names.values())]
                   for k in range(1, len(paths))]
         tops = trace_modes(network, list(blocks), **tracer_kwargs)
-        plans: dict[bool, RoutePlan] = {False: plan_routes(self, tops[False], "network", block_graphs, differ)}
+        rewrite = self._own_norms if path_norms else None
+        plans: dict[bool, RoutePlan] = {False: plan_routes(self, tops[False], "network", block_graphs, differ, rewrite)}
         plans[True] = plans[False] if tops[True] is tops[False] else plan_routes(self, tops[True], "network",
-                                                                                   block_graphs, differ)
+                                                                                   block_graphs, differ, rewrite)
         self._plans = plans
+        self.train(self.training)  # the path norms made above follow the model's mode
+
+    def _own_norms(self, level: int, graph: fx.Graph) -> None:
+        """Level ``level``'s BatchNorm calls (``level >= 1``) normalise with its own statistics (:class:`PathNorm`)."""
+        if level == 0:
+            return
+        holder = self.path_norms[str(level)] if str(level) in self.path_norms else nn.ModuleDict()
+        self.path_norms[str(level)] = holder
+        for node in list(graph.nodes):
+            if node.op != "call_module":
+                continue
+            norm = self.get_submodule(node.target)
+            if type(norm) not in _PLAIN_NORMS or not norm.track_running_stats:
+                continue
+            source = node.target[len("network."):]
+            key = source.replace(".", "_")
+            if key not in holder:
+                holder[key] = PathNorm(norm, source)
+            with graph.inserting_before(node):
+                weight = graph.get_attr(f"{node.target}.weight") if norm.affine else None
+                bias = graph.get_attr(f"{node.target}.bias") if norm.affine else None
+            node.target = f"path_norms.{level}.{key}"
+            node.args = (node.args[0], weight, bias)
 
     # --- what timm-aware code reads off a model ---------------------------------------------------------------------
 
@@ -283,6 +342,11 @@ class RoutedModel(nn.Module):
         if not 0 <= level < self.levels:
             raise GateConfigError(f"level={level}: this model routes among paths 0..{self.levels - 1}.")
         plain = copy.deepcopy(self.network)
+        norms = getattr(self, "path_norms", {})
+        for own in (norms[str(level)].values() if str(level) in norms else ()):  # the path's own statistics
+            target = plain.get_submodule(own.source)
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                getattr(target, name).copy_(getattr(own, name))
         for block, graph in self._block_graphs[level].items():
             dense = plain.get_submodule(block)
             static = fx.GraphModule(dense, copy.deepcopy(graph), class_name=self._block_classes[block])
@@ -368,7 +432,7 @@ def _kept(paths: Sequence[Mapping[str, bool]], names: Sequence[str]) -> list[dic
     return [{name: bool(p.get(name, True)) for name in names} for p in paths]
 
 
-def route(model: nn.Module, paths: Sequence[Mapping[str, bool]], *,
+def route(model: nn.Module, paths: Sequence[Mapping[str, bool]], *, path_norms: bool = False,
           leaf_modules: Sequence[Union[type, str]] = (), autowrap_functions: Sequence[Callable] = (),
           inplace: bool = False) -> RoutedModel:
     """A :class:`RoutedModel` that routes each sample among static paths of a converted model.
@@ -378,6 +442,8 @@ def route(model: nn.Module, paths: Sequence[Mapping[str, bool]], *,
             and can be traced by ``torch.fx`` with its gated blocks as leaves (every timm and torchvision ResNet).
         paths: ``K >= 2`` selections ``{block: keep}`` (blocks not named are kept), cheapest first:
             :func:`select_paths` finds nested ones for ``K`` FLOPs targets.
+        path_norms: every deeper level keeps its own BatchNorm running statistics after the point where it departs
+            (:class:`PathNorm`; the weights stay shared), instead of one mixture for every path.
         leaf_modules, autowrap_functions: for the tracer, as in :func:`gateify.convert`, where the network's own
             forward needs them.
         inplace: use ``model``'s modules (its gates are dropped) instead of a copy.
@@ -412,7 +478,8 @@ def route(model: nn.Module, paths: Sequence[Mapping[str, bool]], *,
     classes = {block: work.get_submodule(block).meta.get("gateify_block_class", "Block") for block in blocks}
     network = to_dense(work, inplace=True)
     return RoutedModel(network, kept, blocks, block_graphs, classes,
-                       {"leaf_modules": tuple(leaf_modules), "autowrap_functions": tuple(autowrap_functions)})
+                       {"leaf_modules": tuple(leaf_modules), "autowrap_functions": tuple(autowrap_functions)},
+                       path_norms=path_norms)
 
 
 def is_routed(model: nn.Module) -> bool:
@@ -511,9 +578,11 @@ class RouteLoss:
 
 def routing_metadata(model: nn.Module) -> dict[str, Any]:
     """What :func:`gateify.load` needs to route a freshly converted model again: each path as the blocks it removes."""
-    return {"paths": [sorted(name for name, keep in p.items() if not keep) for p in routing_paths(model)]}
+    return {"paths": [sorted(name for name, keep in p.items() if not keep) for p in routing_paths(model)],
+            "path_norms": hasattr(unwrap(model), "path_norms")}
 
 
 def route_from_metadata(model: nn.Module, meta: Mapping[str, Any], **route_kwargs: Any) -> RoutedModel:
     """:func:`route` as :func:`routing_metadata` recorded it."""
-    return route(model, [{name: False for name in removed} for removed in meta["paths"]], **route_kwargs)
+    return route(model, [{name: False for name in removed} for removed in meta["paths"]],
+                 path_norms=bool(meta.get("path_norms", False)), **route_kwargs)

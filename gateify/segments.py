@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import linecache
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import fx, nn
@@ -169,12 +169,15 @@ def _mutates_inputs(node: fx.Node, root: nn.Module) -> bool:
 
 
 def plan_routes(root: nn.Module, top: fx.Graph, prefix: str, block_graphs: Sequence[Mapping[str, fx.Graph]],
-                differ: Sequence[Sequence[str]]) -> RoutePlan:
+                differ: Sequence[Sequence[str]],
+                rewrite: Optional[Callable[[int, fx.Graph], None]] = None) -> RoutePlan:
     """Segments for every level from the top graph (targets relative to the network at ``prefix`` in ``root``).
 
     Args:
         block_graphs: per level, ``{block path: static block graph}`` (targets relative to the block).
         differ: per level ``k >= 1``, the blocks whose static form differs from level ``k - 1``'s.
+        rewrite: called as ``rewrite(level, graph)`` on each level's graph before its code is generated (per-path
+            BatchNorm statistics replace module calls there).
     """
     nodes = list(top.nodes)
     position = {n: i for i, n in enumerate(nodes)}
@@ -223,6 +226,8 @@ def plan_routes(root: nn.Module, top: fx.Graph, prefix: str, block_graphs: Seque
                 with graph.inserting_after(value):
                     copies[value] = graph.call_method("clone", (value,))
         graph.output((env[output.args[0]], *[copies.get(v, v) for v in carried]))
+        if rewrite is not None:
+            rewrite(k, graph)
         graph.lint()
         segments.append(Segment(graph, f"route_segment_{k}"))
     return RoutePlan(segments, starts, sources, carries, top.python_code("self").src)

@@ -417,3 +417,30 @@ def test_a_dropout_head_trains_with_dropout_and_routes_without(batch):
     assert not torch.allclose(a, b)  # dropout drew different masks
     with torch.no_grad():
         assert torch.equal(model.eval()(batch, every_path=True), model(batch, every_path=True))
+
+
+def test_path_norms_give_each_deeper_level_its_own_batchnorm_statistics(batch, tmp_path):
+    """route(path_norms=True): after the departure point, path 1 keeps running statistics of its own activations;
+    the weights stay shared. Without it, both paths' batches update one mixture."""
+    shared = gateify.route(gateify.convert(confident_model()), [CHEAP, DEEP]).train()
+    own = gateify.route(gateify.convert(confident_model()), [CHEAP, DEEP], path_norms=True).train()
+    assert set(own.path_norms["1"]) == {f"{b.replace('.', '_')}_bn{i}" for b in ("layer2.2", "layer3.0", "layer3.1")
+                                        for i in (1, 2)}  # the BatchNorms of path 1 after it departs, only
+    assert len(list(own.parameters())) == len(list(shared.parameters()))  # no new weights
+    with torch.no_grad():
+        own(batch, every_path=True)
+        shared(batch, every_path=True)
+    # layer3.0 runs on path 1 only: with its own statistics it holds exactly what the shared model's BatchNorm holds
+    # (one update from path 1's batch); layer2.1's BatchNorm lies before the departure: the network's, updated once
+    assert torch.equal(own.path_norms["1"]["layer3_0_bn1"].running_mean, shared.network.layer3[0].bn1.running_mean)
+    assert torch.equal(own.network.layer2[1].bn1.running_mean, shared.network.layer2[1].bn1.running_mean)
+    assert torch.equal(own.network.layer3[0].bn1.running_mean, confident_model().layer3[0].bn1.running_mean)
+    own.eval()
+    own.threshold.fill_(0.0)  # every sample to path 1
+    with torch.no_grad():
+        out = own(batch)
+        assert torch.allclose(out, own.path(1).eval()(batch), atol=1e-5)  # path(1) carries the path's statistics
+    gateify.save(own, tmp_path / "own.safetensors")
+    loaded = gateify.load(tmp_path / "own.safetensors").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), out)
