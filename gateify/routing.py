@@ -552,23 +552,34 @@ class RouteLoss:
         distill_weight, temperature: distillation of every path from the teacher's logits (0: none).
         self_distill: distillation of every cheaper path from the deepest path's detached logits (0: none).
         label_smoothing: of the cross-entropy.
+        survivors: ``None`` (every path learns from every sample), or the fraction of each batch a deeper path
+            learns from: the samples the path before it is least sure of, those a cascade sends on (the deeper path
+            still runs on every sample, to teach the cheaper ones).
     """
 
     def __init__(self, model: nn.Module, *, distill_weight: float = 1.0, temperature: float = 2.0,
-                 self_distill: float = 1.0, label_smoothing: float = 0.0) -> None:
+                 self_distill: float = 1.0, label_smoothing: float = 0.0, survivors: Optional[float] = None) -> None:
+        if survivors is not None and not 0 < survivors <= 1:
+            raise GateConfigError(f"survivors={survivors} must lie in (0, 1], or be None for every sample.")
         self.model = model
         self.levels = _require_routed(model, "RouteLoss").levels
         self.distill_weight, self.temperature, self.label_smoothing = distill_weight, temperature, label_smoothing
-        self.self_distill = self_distill
+        self.self_distill, self.survivors = self_distill, survivors
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None) -> RouteTerms:
         per_level = self.model(x, every_path=True).float()  # (K, B, classes); through DDP's forward when wrapped
         deepest = per_level[-1].detach()
         losses = []
         for k in range(self.levels):
-            loss = F.cross_entropy(per_level[k], y, label_smoothing=self.label_smoothing)
-            if teacher_logits is not None and self.distill_weight > 0:
-                loss = loss + self.distill_weight * distill_loss(per_level[k], teacher_logits.float(), self.temperature)
+            logits, labels, teacher = per_level[k], y, teacher_logits
+            if self.survivors is not None and k > 0:  # the samples level k - 1 is least sure of
+                unsure = per_level[k - 1].detach().softmax(1).amax(1).argsort()
+                rows = unsure[:max(1, round(self.survivors * len(y)))]
+                logits, labels = logits[rows], labels[rows]
+                teacher = teacher[rows] if teacher is not None else None
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+            if teacher is not None and self.distill_weight > 0:
+                loss = loss + self.distill_weight * distill_loss(logits, teacher.float(), self.temperature)
             if k < self.levels - 1 and self.self_distill > 0:
                 loss = loss + self.self_distill * distill_loss(per_level[k], deepest, self.temperature)
             losses.append(loss)

@@ -444,3 +444,34 @@ def test_path_norms_give_each_deeper_level_its_own_batchnorm_statistics(batch, t
     loaded = gateify.load(tmp_path / "own.safetensors").eval()
     with torch.no_grad():
         assert torch.equal(loaded(batch), out)
+
+
+def test_survivors_train_the_deeper_path_on_what_the_cheap_one_sends_on(batch):
+    model = gateify.route(gateify.convert(confident_model()), [CHEAP, DEEP]).train()
+    cheap_model, deep_model = (model.path(k).train() for k in range(2))
+    y = torch.arange(len(batch)) % 10
+    terms = gateify.RouteLoss(model, distill_weight=0.0, self_distill=0.0, survivors=0.25)(batch, y)
+    with torch.no_grad():
+        cheap, deep = cheap_model(batch), deep_model(batch)
+    unsure = cheap.softmax(1).amax(1).argsort()[:6]  # a quarter of 24: the six the cheap path is least sure of
+    assert terms.per_path[0] == pytest.approx(float(F.cross_entropy(cheap, y)), rel=1e-4)
+    assert terms.per_path[1] == pytest.approx(float(F.cross_entropy(deep[unsure], y[unsure])), rel=1e-4)
+    with pytest.raises(gateify.GateConfigError, match="survivors"):
+        gateify.RouteLoss(model, survivors=0.0)
+
+
+def test_fit_distils_a_self_teacher_as_a_cascade_s_cheap_model_would_be(batch):
+    """A fair cascade: its cheap model learns from its deep one as a routed model's cheap path learns from its deep
+    path (fit's self_teacher, weight TrainConfig.self_distill)."""
+    student = gateify.to_static(gateify.convert(confident_model()), keep=CHEAP)
+    deeper = gateify.to_static(gateify.convert(confident_model(4)), keep=DEEP).eval()
+    teacher = confident_model(3).eval()
+    y = torch.arange(len(batch)) % 10
+    cfg = gateify.TrainConfig(epochs=1, lr=0.0, weight_decay=0.0, distill_weight=0.5, self_distill=0.7, grad_clip=0.0)
+    history = gateify.fit(student, [(batch, y)], cfg, torch.device("cpu"), teacher=teacher, self_teacher=deeper)
+    student.train()
+    with torch.no_grad():
+        logits = student(batch)
+        want = (F.cross_entropy(logits, y) + 0.5 * gateify.distill_loss(logits, teacher(batch), 2.0)
+                + 0.7 * gateify.distill_loss(logits, deeper(batch), 2.0))
+    assert history[0]["task"] == pytest.approx(float(want), rel=1e-5)
