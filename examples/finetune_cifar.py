@@ -9,6 +9,7 @@ gated.safetensors in --out.
     python examples/finetune_cifar.py --dataset digits --dense-epochs 30 --epochs 30 --out runs/digits  # offline
     python examples/finetune_cifar.py --baseline static ...             # the same budget, static depth pruning
     python examples/finetune_cifar.py --baseline dense ...              # the dense model trained as long
+    python examples/finetune_cifar.py --baseline dense --epochs 0 ...   # the dense phase alone
     torchrun --nproc_per_node 2 examples/finetune_cifar.py ...          # DistributedDataParallel
 """
 
@@ -31,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import gateify
-from gateify.data import DATASETS, DataSplits, load_dataset
+from gateify.data import DATASETS, DEFAULT_FIT, FITS, DataSplits, load_dataset
 from gateify.models import input_shape
 from gateify.regularizer import PRESETS, RegularizerConfig, config_with
 from gateify.static import seed_gates
@@ -49,11 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", default="cifar10", choices=DATASETS,
                       help="cifar10 (python-batch layout in --data-dir), folder (ImageFolder train/ and val/ or "
                            "test/), animals-c (the offline benchmark: animal-mnist silhouettes, 80%% corrupted at "
-                           "random severities), animals (the same, clean), digits (scikit-learn's 8x8 digits)")
+                           "random severities), animals (the same, clean), digits-c (scikit-learn's digits at 28x28, "
+                           "corrupted the same way), digits (the same, clean)")
     data.add_argument("--data-dir", default="data", help="dataset root (default: ./data)")
     data.add_argument("--download", action="store_true", help="fetch CIFAR-10 if missing (needs network)")
     data.add_argument("--input-size", type=int, default=None,
                       help="image size fed to the model (default: 32 for cifar10/digits, else the model's own)")
+    data.add_argument("--fit", default=DEFAULT_FIT, choices=FITS,
+                      help="images smaller than the input: pad (their pixels inside a centred zero border, as "
+                           "MNIST-to-32 pipelines do) or stretch (upsampled, bilinear); larger ones are resized and "
+                           "centre-cropped either way (default: %(default)s, see gateify.data.fit_to_size)")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="resnet20", help="timm name, or torchvision:<name>")
@@ -64,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = p.add_argument_group("training")
     train.add_argument("--dense-epochs", type=int, default=160, help="dense training epochs when no --init is given")
     train.add_argument("--dense-lr", type=float, default=0.1)
-    train.add_argument("--epochs", type=int, default=60, help="fine-tuning epochs (gated, static or dense)")
+    train.add_argument("--epochs", type=int, default=60,
+                       help="fine-tuning epochs (gated, static, dense; 0 with --baseline dense: dense phase only)")
     train.add_argument("--lr", type=float, default=0.05, help="fine-tuning learning rate (controllers get x10)")
     train.add_argument("--batch-size", type=int, default=128, help="per process")
     train.add_argument("--weight-decay", type=float, default=5e-4)
@@ -338,7 +345,8 @@ def report(kind: str, model: torch.nn.Module, dense: torch.nn.Module, data: Data
     result = evaluate(model, test, device, channels_last=cl)
     counted = gateify.flops(model, test_images)
     metrics: dict[str, Any] = {
-        "kind": kind, "model": args.model, "dataset": args.dataset, "method": args.method if kind in ("gated",
+        "kind": kind, "model": args.model, "dataset": args.dataset, "dataset_version": data.version,
+        "input_size": data.input_size, "fit": data.fit, "method": args.method if kind in ("gated",
         "routed") else None, "preset": args.preset if kind != "dense_continued" else None,
         "target": target_of(args) if kind != "dense_continued" else None,
         "gate": args.gate if kind == "gated" else None, "epochs": args.epochs,
@@ -452,7 +460,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = args.input_size or (32 if args.dataset in ("cifar10", "digits") else None)
     if size is None:
         size = input_shape(gateify.create_model(args.model))[-1]
-    data = load_dataset(args.dataset, args.data_dir, size, download=args.download)
+    data = load_dataset(args.dataset, args.data_dir, size, download=args.download, fit=args.fit)
     train, test, val = loaders(data, args, world)
     model = gateify.create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans).to(device)
     if channels_last(args):

@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import finetune_cifar  # noqa: E402  (the example this sweep repeats with different flags)
+from gateify.data import VERSIONS  # noqa: E402
 
 _logger = logging.getLogger("pareto")
 
@@ -295,7 +296,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     entries = aggregate(points)
     found = margins(points)
     result = {"points": entries, "margins": found, "runs": points, "command": " ".join(sys.argv),
-              "model": args.model, "dataset": args.dataset, "epochs": args.epochs, "dense_epochs": args.dense_epochs,
+              "model": args.model, "dataset": args.dataset, "dataset_version": VERSIONS[args.dataset],
+              "fit": args.fit, "epochs": args.epochs, "dense_epochs": args.dense_epochs,
               "seeds": seeds, "minutes": (time.perf_counter() - start) / 60}
     with open(os.path.join(args.out, "pareto.json"), "w") as f:
         json.dump(result, f, indent=2)

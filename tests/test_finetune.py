@@ -51,6 +51,8 @@ def test_outputs_and_metrics(run):
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["kind"] == "gated" and metrics["preset"] == "balanced" and metrics["epochs"] == 1
+    # which data, exactly: the dataset's version and how its 28x28 images reached the 32x32 input
+    assert (metrics["dataset_version"], metrics["fit"], metrics["input_size"]) == ("digits/2", "pad", 32)
     # ResNet-20 on 1-channel 32x32 images, counted by hand (option-A shortcuts have no convolution)
     assert metrics["block_macs"] == RESNET20_BRANCH_MACS
     assert metrics["dense_macs"] == RESNET20_DIGITS_MACS
