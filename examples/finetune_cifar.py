@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--path-norms", action="store_true",
                        help="routed: every deeper path keeps its own BatchNorm statistics after it departs "
                             "(gateify.route(path_norms=True))")
+    train.add_argument("--survivors", type=float, default=None, metavar="F",
+                       help="routed: a deeper path learns from the fraction F of each batch the cheaper path is "
+                            "least sure of (gateify.RouteLoss(survivors=F)); default: from every sample")
+    train.add_argument("--self-teacher", default=None, metavar="FILE",
+                       help="static: also distil from this saved model (a cascade's deeper model), with weight "
+                            "--self-distill (default 1): what a routed model's cheap path gets from its deep path")
     train.add_argument("--reg", action="append", default=[], metavar="KEY=VALUE",
                        help="gated: override a regulariser field of the preset, e.g. --reg granularity=block")
     train.add_argument("--baseline", default="none", choices=("none", *BASELINES),
@@ -237,7 +243,7 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
     facts. Every choice made on data (paths, static blocks, thresholds) uses the validation split."""
     teacher = copy.deepcopy(dense).eval() if args.distill > 0 else None
     facts: dict[str, Any] = {}
-    regularizer = None
+    regularizer = self_teacher = None
     self_distill = 0.0
     costs: Optional[gateify.CostModel] = None
     if kind == "dense_continued":
@@ -261,12 +267,20 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
             paths = gateify.select_paths(model, val, plan.paths)
             model = gateify.route(model, paths, path_norms=args.path_norms, inplace=True)  # fit(): RouteLoss
             self_distill = plan.self_distill
-            facts["route"] = {**plan.to_dict(), "paths_blocks": paths,
-                              "paths_flops": [costs.static_fraction(p) for p in paths]}
+            per_level = model.segment_flops(next(iter(val))[0][:2].to(device))[1]
+            facts["route"] = {**plan.to_dict(), "paths_blocks": paths, "path_norms": args.path_norms,
+                              "survivors": args.survivors, "paths_flops": [costs.static_fraction(p) for p in paths]}
+            # what one training step costs per sample: every path, the common prefix once (forward MACs)
+            facts["train_macs"] = sum(per_level) / 2
         else:  # static: the blocks to remove for the same FLOPs target
             keep = gateify.select_blocks(model, val, target_of(args), criterion=args.static_criterion, nearest=True)
             gateify.set_static(model, keep)
             facts["static_blocks"] = keep
+            facts["train_macs"] = costs.static_fraction(keep) * costs.dense_flops / 2
+            if args.self_teacher:
+                self_teacher = gateify.load(args.self_teacher).to(device).eval()
+                self_distill = 1.0 if args.self_distill is None else args.self_distill
+                facts["self_teacher"] = {"file": args.self_teacher, "weight": self_distill}
         if kind != "gated":  # controllers stay unused: they must not wait for gradients (DDP) or decay
             for gate in gateify.gates(model).values():
                 for p in gate.scorer.parameters():
@@ -276,7 +290,8 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
     unused = kind in ("static", "routed") or (kind == "gated" and args.gate == "cir")
     wrapped = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, amp=args.amp, seed=args.seed + 1,
-                      distill_weight=args.distill, grad_clip=args.grad_clip, self_distill=self_distill)
+                      distill_weight=args.distill, grad_clip=args.grad_clip, self_distill=self_distill,
+                      survivors=args.survivors)
 
     def after(epoch: int, stats: dict[str, float]) -> dict[str, float]:
         if not logged_epoch(epoch, cfg.epochs, args):
@@ -289,7 +304,7 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
         return {"test_acc": result.accuracy, "flops_saved": saved}
 
     start = time.perf_counter()
-    fit(wrapped, train, cfg, device, regularizer=regularizer, teacher=teacher,
+    fit(wrapped, train, cfg, device, regularizer=regularizer, teacher=teacher, self_teacher=self_teacher,
         checkpoint=Checkpoint(os.path.join(args.out, f"checkpoint_{kind}.safetensors")), resume=args.resume,
         on_epoch_end=None if kind == "routed" else after, channels_last=channels_last(args), progress_desc=kind)
     facts["finetune_seconds"] = time.perf_counter() - start
