@@ -164,6 +164,7 @@ class RoutedModel(nn.Module):
         plans[True] = plans[False] if tops[True] is tops[False] else plan_routes(self, tops[True], "network",
                                                                                    block_graphs, differ, rewrite)
         self._plans = plans
+        self._buckets = False  # compile_segments: pad deeper sub-batches to powers of two
         self.train(self.training)  # the path norms made above follow the model's mode
 
     def _own_norms(self, level: int, graph: fx.Graph) -> None:
@@ -291,8 +292,16 @@ class RoutedModel(nn.Module):
                 return stay()
             if idx.shape[0] == n:
                 idx = None
-        sub = carried if idx is None else {m: tuple(_gather(t, idx) for t in ts) for m, ts in carried.items()}
+        rows = idx
+        if idx is not None and self._buckets:  # compiled segments: a few sub-batch sizes serve every count
+            m = idx.shape[0]
+            size = 1 << (m - 1).bit_length()
+            rows = torch.cat([idx, idx[:1].expand(size - m)]) if size > m else idx
+        sub = carried if rows is None else {m: tuple(_gather(t, rows) for t in ts) for m, ts in carried.items()}
         outs = plan.segments[k](self, *sub.pop(k))
+        if rows is not idx:  # the padding rows (copies of the first) are dropped again
+            outs = tuple(o[: idx.shape[0]] for o in outs)
+            sub = {m: tuple(t[: idx.shape[0]] for t in ts) for m, ts in sub.items()}
         sub.update(plan.split(k, outs[1:]))
         deeper = self._escalate(plan, k + 1, outs[0], sub, want_levels)
         if idx is None:
@@ -333,6 +342,23 @@ class RoutedModel(nn.Module):
 
         unsure = self._escalates(logits, k)
         return torch.cond(unsure.any(), deeper, stay, (logits, unsure, *flat))
+
+    def compile_segments(self, *, buckets: bool = True, **compile_kwargs: Any) -> "RoutedModel":
+        """Compile each level's code on its own with ``torch.compile(**compile_kwargs)``; the step between levels
+        stays in Python (one host sync per level). Returns ``self``.
+
+        Where :func:`gateify.compile` makes one graph of everything, this keeps every segment free of data-dependent
+        shapes, which is what CUDA graphs need: with ``mode="reduce-overhead"`` on a GPU each segment is captured
+        once per input shape. ``buckets`` runs a deeper level on the next power of two of its sub-batch (padded with
+        copies of one row, whose outputs are dropped), so that ``log2(B) + 1`` shapes serve every escalation count;
+        pass ``dynamic=False`` so each gets its own graph, and raise ``torch._dynamo.config.recompile_limit`` above
+        that count for large batches. A copy of the model (``copy.deepcopy``) runs its segments uncompiled again.
+        """
+        for plan in {id(p): p for p in self._plans.values()}.values():
+            for segment in plan.segments:
+                segment.compile(**compile_kwargs)
+        self._buckets = buckets
+        return self
 
     # --- paths as plain models, FLOPs, calibration -------------------------------------------------------------------
 

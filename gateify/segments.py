@@ -62,6 +62,10 @@ class Segment:
     def __call__(self, root: nn.Module, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self._forward(root, *inputs)
 
+    def compile(self, **compile_kwargs: Any) -> None:
+        """Run the segment through ``torch.compile(**compile_kwargs)`` from now on."""
+        self._forward = torch.compile(self._forward, **compile_kwargs)
+
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles carry the graph; the function is generated again
         return {"graph": self.graph, "name": self.name}
 
