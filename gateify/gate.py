@@ -241,7 +241,7 @@ class Controller(nn.Module):
             w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
         if w1.dtype is not torch.float32:  # after model.half(): decide in float32 all the same
             w1, b1, w2, b2 = w1.float(), b1.float(), w2.float(), b2.float()
-        if x.shape[0] == 1 and x.dtype is torch.float32 and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and x.shape[0] == 1 and x.dtype is torch.float32:  # no guard in graphs
             m = _as_matrix(x)
             if m is not None:  # addmv: gateify.flops counts it (torch's FLOP counter does not by default)
                 pooled = torch.mv(m, _pool_weights(m.shape[1], x.device))  # (C,)
