@@ -45,7 +45,7 @@ from .rewrite import inline_block
 from .segments import RoutePlan, plan_routes, trace_modes
 from .static import select_blocks
 
-__all__ = ["RoutePreset", "ROUTE_PRESETS", "RoutedModel", "PathNorm", "route", "select_paths", "routing_paths", "is_routed",
+__all__ = ["RoutePreset", "ROUTE_PRESETS", "RoutedModel", "PathNorm", "route", "cascade", "select_paths", "routing_paths", "is_routed",
            "level_shares", "RouteLoss", "RouteTerms", "routing_metadata", "route_from_metadata"]
 
 
@@ -124,7 +124,8 @@ _PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # exactly these
 
 
 class RoutedModel(nn.Module):
-    """A network that routes each sample among nested static paths (see module doc); built by :func:`route`.
+    """A network that routes each sample among nested static paths (see module doc); built by :func:`route`, or a
+    cascade of separately trained networks, built by :func:`cascade`.
 
     ``routed(x)`` in ``eval()``: ``(B, C, H, W) -> (B, classes)``, each row the output of the path its sample ended on.
     ``routed(x, every_path=True)``: ``(K, B, classes)``, every path on every sample (training, :class:`RouteLoss`);
@@ -132,7 +133,8 @@ class RoutedModel(nn.Module):
 
     Attributes:
         network: the plain network (the converted model without its gates): its state dict keys are the source
-            model's, under ``network.``; ``routed.network.forward_features`` etc. run it densely.
+            model's, under ``network.``; ``routed.network.forward_features`` etc. run it densely. A cascade holds
+            ``networks`` instead, one per level (keys under ``networks.<k>.``), and ``network`` is its last.
         threshold: per deeper level, how unsure (``1 - max softmax``) the previous path must be for a sample to go on:
             a float32 view of the ``threshold_bits`` buffer (int32 bits, so weight averaging never touches it);
             :func:`gateify.calibrate` sets it for a FLOPs target.
@@ -142,30 +144,46 @@ class RoutedModel(nn.Module):
     #: how gateify's model-wide helpers (``require_gates``, ``calibrate``, ``flops``) recognise a routed model
     gateify_routed = True
 
-    def __init__(self, network: nn.Module, paths: Sequence[Mapping[str, bool]], blocks: Mapping[str, Mapping[str, str]],
-                 block_graphs: Sequence[Mapping[str, fx.Graph]], block_classes: Mapping[str, str],
-                 tracer_kwargs: Mapping[str, Any], path_norms: bool = False) -> None:
+    def __init__(self, networks: Sequence[nn.Module], paths: Sequence[Mapping[str, bool]],
+                 blocks: Mapping[str, Mapping[str, str]], block_graphs: Sequence[Mapping[str, fx.Graph]],
+                 block_classes: Mapping[str, str], tracer_kwargs: Mapping[str, Any], path_norms: bool = False) -> None:
         super().__init__()
-        self.network = network
-        self.training = network.training  # a routed model starts in the mode of the model it was made from
+        separate = len(networks) > 1
+        if separate:
+            self.networks = nn.ModuleList(networks)
+            prefixes = [f"networks.{k}" for k in range(len(networks))]
+        else:
+            self.network = networks[0]
+            prefixes = ["network"]
+        self.training = networks[-1].training  # a routed model starts in the mode of the model it was made from
         if path_norms:
             self.path_norms = nn.ModuleDict()  # level -> {BatchNorm path with "_" for ".": PathNorm}
         self.register_buffer("threshold_bits",
-                             torch.full((len(paths) - 1,), 0.5, device=model_device(network)).view(torch.int32))
+                             torch.full((len(paths) - 1,), 0.5, device=model_device(networks[-1])).view(torch.int32))
         self.paths: tuple[dict[str, bool], ...] = tuple(dict(p) for p in paths)
         self._block_graphs = [dict(g) for g in block_graphs]
         self._block_classes = dict(block_classes)
         # per deeper level, the blocks where its path differs from the one before (a block holds one gate or more)
         differ = [[b for b, names in blocks.items() if any(paths[k][n] != paths[k - 1][n] for n in names.values())]
                   for k in range(1, len(paths))]
-        tops = trace_modes(network, list(blocks), **tracer_kwargs)
+        tops = trace_modes(networks[0], list(blocks), **tracer_kwargs)
         rewrite = self._own_norms if path_norms else None
-        plans: dict[bool, RoutePlan] = {False: plan_routes(self, tops[False], "network", block_graphs, differ, rewrite)}
-        plans[True] = plans[False] if tops[True] is tops[False] else plan_routes(self, tops[True], "network",
+        plans: dict[bool, RoutePlan] = {False: plan_routes(self, tops[False], prefixes, block_graphs, differ, rewrite)}
+        plans[True] = plans[False] if tops[True] is tops[False] else plan_routes(self, tops[True], prefixes,
                                                                                    block_graphs, differ, rewrite)
         self._plans = plans
         self._buckets = False  # compile_segments: pad deeper sub-batches to powers of two
         self.train(self.training)  # the path norms made above follow the model's mode
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "network" and "networks" in self._modules:  # a cascade: its deepest network stands for it
+            return self._modules["networks"][-1]
+        return super().__getattr__(name)
+
+    @property
+    def is_cascade(self) -> bool:
+        """Whether every level has a network of its own (:func:`cascade`) rather than sharing one (:func:`route`)."""
+        return "networks" in self._modules
 
     def _own_norms(self, level: int, graph: fx.Graph) -> None:
         """Level ``level``'s BatchNorm calls (``level >= 1``) normalise with its own statistics (:class:`PathNorm`)."""
@@ -214,7 +232,8 @@ class RoutedModel(nn.Module):
 
     def extra_repr(self) -> str:
         kept = [sum(p.values()) for p in self.paths]
-        return f"levels={self.levels}, blocks kept per path={kept}, threshold={self.threshold.tolist()}"
+        kind = "cascade of separate networks, " if self.is_cascade else ""
+        return f"{kind}levels={self.levels}, blocks kept per path={kept}, threshold={self.threshold.tolist()}"
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise GateifyError("TorchScript cannot express routing's data-dependent sub-batches; use torch.export.export"
@@ -367,7 +386,7 @@ class RoutedModel(nn.Module):
         branches): what :func:`gateify.to_static` gives for the same blocks; exports like any ResNet."""
         if not 0 <= level < self.levels:
             raise GateConfigError(f"level={level}: this model routes among paths 0..{self.levels - 1}.")
-        plain = copy.deepcopy(self.network)
+        plain = copy.deepcopy(self.networks[level] if self.is_cascade else self.network)
         norms = getattr(self, "path_norms", {})
         for own in (norms[str(level)].values() if str(level) in norms else ()):  # the path's own statistics
             target = plain.get_submodule(own.source)
@@ -494,18 +513,69 @@ def route(model: nn.Module, paths: Sequence[Mapping[str, bool]], *, path_norms: 
         if kept[k] == kept[k - 1]:
             raise GateConfigError(f"paths {k - 1} and {k} keep the same blocks.")
     work = unwrap(model) if inplace else copy.deepcopy(unwrap(model))
+    per_path = [_static_blocks(work, keep) for keep in kept]
+    blocks, classes = per_path[0][0], per_path[0][2]
+    network = to_dense(work, inplace=True)
+    return RoutedModel([network], kept, blocks, [graphs for _, graphs, _ in per_path], classes,
+                       {"leaf_modules": tuple(leaf_modules), "autowrap_functions": tuple(autowrap_functions)},
+                       path_norms=path_norms)
+
+
+def cascade(models: Sequence[nn.Module], paths: Optional[Sequence[Mapping[str, bool]]] = None, *,
+            leaf_modules: Sequence[Union[type, str]] = (), autowrap_functions: Sequence[Callable] = ()) -> RoutedModel:
+    """A confidence cascade of separately trained models of one architecture: every sample runs the first; the
+    samples it is unsure of (``1 - max softmax >= threshold``) run the next, from the input, and so on.
+
+    What routing (:func:`route`) does inside one network, with a network per level: no weight is shared, nothing is
+    computed once for two levels, and each model is trained on its own (static pruning, and distillation from the
+    deeper model with ``gateify.fit(..., self_teacher=deeper)``). The result is a :class:`RoutedModel`
+    (``is_cascade``): the same calibration, FLOPs counting, export, compilation and files.
+
+    Args:
+        models: ``K >= 2`` converted models (:func:`gateify.convert`) of one architecture, cheapest first.
+        paths: each model's static selection ``{block: keep}``; default: each model's own (every gate in
+            ``"static"`` mode, as :func:`gateify.set_static` leaves them).
+        leaf_modules, autowrap_functions: for the tracer, as in :func:`route`.
+
+    The models are copied; their gates are dropped (the static selections are baked into each level's code).
+    """
+    if len(models) < 2:
+        raise GateConfigError(f"a cascade needs at least 2 models, got {len(models)}.")
+    found = [require_gates(m, "cascade") for m in models]
+    if any(list(f) != list(found[0]) for f in found):
+        raise GateConfigError("a cascade's models must be conversions of one architecture (the same gated blocks).")
+    if paths is None:
+        modes = {g.mode for f in found for g in f.values()}
+        if modes != {"static"}:
+            raise GateConfigError(f"cascade takes each model's static selection, but its gates are in modes "
+                                  f"{sorted(modes)}; call gateify.set_static(model, keep) on each, or pass paths=.")
+        paths = [{name: bool(g.static_keep) for name, g in f.items()} for f in found]
+    if len(paths) != len(models):
+        raise GateConfigError(f"{len(paths)} paths for {len(models)} models: give one selection per model.")
+    kept = _kept(paths, list(found[0]))
+    networks, block_graphs = [], []
+    for model, keep in zip(models, kept):
+        work = copy.deepcopy(unwrap(model))
+        blocks, graphs, classes = _static_blocks(work, keep)
+        block_graphs.append(graphs)
+        networks.append(to_dense(work, inplace=True))
+    return RoutedModel(networks, kept, blocks, block_graphs, classes,
+                       {"leaf_modules": tuple(leaf_modules), "autowrap_functions": tuple(autowrap_functions)})
+
+
+def _static_blocks(work: nn.Module, keep: Mapping[str, bool]) -> tuple[dict[str, dict[str, str]], dict[str, fx.Graph],
+                                                                      dict[str, str]]:
+    """Per gated block of a converted model: ``{gate attribute: gate name}``, its static graph for ``keep``, and
+    the class name it had."""
     where = {gate: path for path, gate in work.named_modules() if isinstance(gate, ResidualGate)}
-    blocks: dict[str, dict[str, str]] = {}  # block path -> {gate attribute: gate name}
+    blocks: dict[str, dict[str, str]] = {}
     for name, gate in gates(work).items():
         block, _, attr = where[gate].rpartition(".")
         blocks.setdefault(block, {})[attr] = name
-    block_graphs = [{block: inline_block(work.get_submodule(block), {a: keep[n] for a, n in attrs.items()}).graph
-                     for block, attrs in blocks.items()} for keep in kept]
+    graphs = {block: inline_block(work.get_submodule(block), {a: keep[n] for a, n in attrs.items()}).graph
+              for block, attrs in blocks.items()}
     classes = {block: work.get_submodule(block).meta.get("gateify_block_class", "Block") for block in blocks}
-    network = to_dense(work, inplace=True)
-    return RoutedModel(network, kept, blocks, block_graphs, classes,
-                       {"leaf_modules": tuple(leaf_modules), "autowrap_functions": tuple(autowrap_functions)},
-                       path_norms=path_norms)
+    return blocks, graphs, classes
 
 
 def is_routed(model: nn.Module) -> bool:
@@ -615,11 +685,14 @@ class RouteLoss:
 
 def routing_metadata(model: nn.Module) -> dict[str, Any]:
     """What :func:`gateify.load` needs to route a freshly converted model again: each path as the blocks it removes."""
+    routed = _require_routed(model, "routing_metadata")
     return {"paths": [sorted(name for name, keep in p.items() if not keep) for p in routing_paths(model)],
-            "path_norms": hasattr(unwrap(model), "path_norms")}
+            "path_norms": hasattr(routed, "path_norms"), "cascade": routed.is_cascade}
 
 
 def route_from_metadata(model: nn.Module, meta: Mapping[str, Any], **route_kwargs: Any) -> RoutedModel:
     """:func:`route` as :func:`routing_metadata` recorded it."""
-    return route(model, [{name: False for name in removed} for removed in meta["paths"]],
-                 path_norms=bool(meta.get("path_norms", False)), **route_kwargs)
+    paths = [{name: False for name in removed} for removed in meta["paths"]]
+    if meta.get("cascade", False):  # a network per level, each loaded with its own weights after this
+        return cascade([model] * len(paths), paths, **route_kwargs)
+    return route(model, paths, path_norms=bool(meta.get("path_norms", False)), **route_kwargs)

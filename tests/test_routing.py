@@ -475,3 +475,33 @@ def test_fit_distils_a_self_teacher_as_a_cascade_s_cheap_model_would_be(batch):
         want = (F.cross_entropy(logits, y) + 0.5 * gateify.distill_loss(logits, teacher(batch), 2.0)
                 + 0.7 * gateify.distill_loss(logits, deeper(batch), 2.0))
     assert history[0]["task"] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_a_cascade_of_separate_models_runs_each_on_its_samples_and_pays_for_both(batch, tmp_path):
+    """gateify.cascade: the same machinery with a network per level: nothing shared, every level from the input."""
+    cheap_model = gateify.set_static(gateify.convert(confident_model(0)), CHEAP)
+    deep_model = gateify.set_static(gateify.convert(confident_model(1)), DEEP)
+    both = gateify.cascade([cheap_model, deep_model]).eval()
+    assert both.is_cascade and set(both.state_dict()) == ({f"networks.{k}.{n}" for k in (0, 1)
+                                                           for n in confident_model().state_dict()} | {"threshold_bits"})
+    gateify.calibrate(both, batch, target=0.6, max_error=1.0)
+    with torch.no_grad():
+        out, level = both.forward_routes(batch)
+        cheap = gateify.to_static(cheap_model).eval()(batch)
+        deep = gateify.to_static(deep_model).eval()(batch)
+    assert 0 < int(level.sum()) < len(batch)
+    assert torch.equal(level == 1, 1 - cheap.softmax(1).amax(1) >= both.threshold[0])
+    assert torch.allclose(out[level == 0], cheap[level == 0], atol=1e-5)
+    assert torch.allclose(out[level == 1], deep[level == 1], atol=1e-5)
+    report = gateify.flops(both, batch)
+    cost = [gateify.flops(gateify.to_static(m), batch[:1]).executed_flops for m in (cheap_model, deep_model)]
+    assert report.executed_flops == pytest.approx(cost[0] + report.level_shares[1] * cost[1], rel=1e-6)
+    gateify.save(both, tmp_path / "cascade.safetensors")
+    loaded = gateify.load(tmp_path / "cascade.safetensors").eval()
+    assert loaded.is_cascade
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), out)
+        program = torch.export.export(both, (batch,))
+        assert torch.allclose(program.module()(batch), out, atol=1e-5)
+    with pytest.raises(gateify.GateConfigError, match="static"):
+        gateify.cascade([gateify.convert(confident_model()), deep_model])
