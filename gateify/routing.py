@@ -173,7 +173,8 @@ class RoutedModel(nn.Module):
                                                                                    block_graphs, differ, rewrite)
         self._plans = plans
         self._buckets = False  # compile_segments: pad deeper sub-batches to powers of two
-        self.train(self.training)  # the path norms made above follow the model's mode
+        if path_norms:  # the path norms made above follow the model's mode; the network's modules keep their own
+            self.path_norms.train(self.training)
 
     def __getattr__(self, name: str) -> Any:
         if name == "network" and "networks" in self._modules:  # a cascade: its deepest network stands for it

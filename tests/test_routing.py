@@ -505,3 +505,12 @@ def test_a_cascade_of_separate_models_runs_each_on_its_samples_and_pays_for_both
         assert torch.allclose(program.module()(batch), out, atol=1e-5)
     with pytest.raises(gateify.GateConfigError, match="static"):
         gateify.cascade([gateify.convert(confident_model()), deep_model])
+
+
+def test_route_keeps_every_modules_own_train_flag():
+    """A deliberately frozen BatchNorm inside a model in train() stays frozen once routed (and with path norms)."""
+    model = gateify.convert(confident_model()).train()
+    model.bn1.eval()
+    for path_norms in (False, True):
+        routed = gateify.route(model, [CHEAP, DEEP], path_norms=path_norms)
+        assert routed.training and routed.network.layer1[1].bn1.training and not routed.network.bn1.training
