@@ -591,9 +591,7 @@ class ResidualGate(nn.Module):
         keep = torch.sigmoid(logit) >= threshold  # (B,) bool
         if self.record:
             self._record("hard", torch.sigmoid(logit), keep, None)
-        if torch.compiler.is_exporting():
-            return self._hard_cond(shortcut, inputs, params, keep, split_all=False)
-        if torch._dynamo.config.capture_dynamic_output_shape_ops:  # set by gateify.compile while it traces
+        if torch.compiler.is_exporting() or torch._dynamo.config.capture_dynamic_output_shape_ops:  # gateify.compile
             return self._hard_cond(shortcut, inputs, params, keep, split_all=True)
         return self._skip(shortcut, inputs, params, keep)  # plain torch.compile: dynamo breaks the graph at the sync
 
