@@ -357,7 +357,7 @@ class RoutedSetting:
     model: str
     input: int
     batch: int
-    runtime: str = "eager"  # eager | compiled | onnx (onnxruntime, CPU)
+    runtime: str = "eager"  # eager | compiled (gateify.compile) | segments (compile_segments) | onnx (onnxruntime, CPU)
     escalate: Optional[bool] = None  # batch 1: the sample stays on path 0 (False) or goes on (True)
 
     @property
@@ -459,10 +459,13 @@ def run_routed_setting(s: RoutedSetting, args: argparse.Namespace, device: torch
 
     if s.runtime == "eager":
         run = {"dense": dense, "routed": routed, "path0": path0, "deep": deep, "segment": segment}
-    elif s.runtime == "compiled":
+    elif s.runtime in ("compiled", "segments"):
         torch._dynamo.reset()
-        run = {"dense": torch.compile(dense), "routed": gateify.compile(routed), "path0": torch.compile(path0),
-               "deep": torch.compile(deep), "segment": torch.compile(segment)}
+        # on a GPU, "segments" captures every segment as a CUDA graph (one per shape: buckets keep them few)
+        options = dict(mode="reduce-overhead", dynamic=False) if device.type == "cuda" else dict(dynamic=False)
+        fast = gateify.compile(routed) if s.runtime == "compiled" else copy.deepcopy(routed).compile_segments(**options)
+        run = {"dense": torch.compile(dense, **options), "routed": fast, "path0": torch.compile(path0, **options),
+               "deep": torch.compile(deep, **options), "segment": torch.compile(segment, **options)}
     else:
         folder = Path(tempfile.mkdtemp(prefix="gateify-onnx-"))
         run = {key: _onnx_session(m, x if key != "segment" else (h if idx.numel() else outs[1]), args.threads,
@@ -630,7 +633,8 @@ def main() -> None:
     parser.add_argument("--routed", action="store_true",
                         help="with --cases: routed models (eager, compiled, onnxruntime) instead of gates")
     parser.add_argument("--runtimes", default="eager,compiled,onnx",
-                        help="routed models: which of eager, compiled, onnx (onnxruntime on the CPU) to time")
+                        help="routed models: which of eager, compiled (gateify.compile: one graph), segments (each "
+                             "segment compiled alone: CUDA graphs on a GPU), onnx (onnxruntime on the CPU) to time")
     parser.add_argument("--amp", action="store_true", help="with --cases: autocast (bfloat16 on CPU, float16 on CUDA)")
     parser.add_argument("--channels-last", action="store_true", help="with --cases: channels_last model and input")
     parser.add_argument("--masked", action="store_true", help="also time masking (every branch on the whole batch)")

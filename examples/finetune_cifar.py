@@ -77,9 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=5e-4)
     train.add_argument("--grad-clip", type=float, default=5.0, help="gradient norm clipping of fine-tuning (0: off)")
     train.add_argument("--distill", type=float, default=1.0, help="weight of distillation from the dense model")
-    train.add_argument("--method", default="routed", choices=("routed", "gated"),
+    train.add_argument("--method", default="routed", choices=("routed", "cascade", "gated"),
                        help="routed (default): every sample starts on a cheap static path of the model and the unsure "
-                            "ones continue on a deeper one (gateify.route); gated: CosineGate controllers per block "
+                            "ones continue on a deeper one (gateify.route); cascade: the same paths as separately "
+                            "fine-tuned static models, the cheap one distilled from the deep one (gateify.cascade; "
+                            "two weight sets, trained one after the other); gated: CosineGate controllers per block "
                             "(gateify.GateRegularizer)")
     train.add_argument("--preset", default="balanced", choices=sorted(PRESETS),
                        help="operating point: gateify.ROUTE_PRESETS (routed) or gateify.PRESETS (gated)")
@@ -92,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="routed: more executed FLOPs fractions to calibrate to and report, from the same model")
     train.add_argument("--self-distill", type=float, default=None,
                        help="routed: distillation of the cheaper paths from the deepest (default: the preset's)")
+    train.add_argument("--path-norms", action="store_true",
+                       help="routed: every deeper path keeps its own BatchNorm statistics after it departs "
+                            "(gateify.route(path_norms=True))")
+    train.add_argument("--survivors", type=float, default=None, metavar="F",
+                       help="routed: a deeper path learns from the fraction F of each batch the cheaper path is "
+                            "least sure of (gateify.RouteLoss(survivors=F)); default: from every sample")
+    train.add_argument("--self-teacher", default=None, metavar="FILE",
+                       help="static: also distil from this saved model (a cascade's deeper model), with weight "
+                            "--self-distill (default 1): what a routed model's cheap path gets from its deep path")
     train.add_argument("--reg", action="append", default=[], metavar="KEY=VALUE",
                        help="gated: override a regulariser field of the preset, e.g. --reg granularity=block")
     train.add_argument("--baseline", default="none", choices=("none", *BASELINES),
@@ -228,7 +239,7 @@ def target_of(args: argparse.Namespace) -> float:
     """The executed FLOPs fraction this run aims at (the static baseline's budget too)."""
     if args.target is not None:
         return args.target
-    return (gateify.ROUTE_PRESETS if args.method == "routed" else PRESETS)[args.preset].target
+    return (gateify.ROUTE_PRESETS if args.method in ("routed", "cascade") else PRESETS)[args.preset].target
 
 
 def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoader, test: DataLoader,
@@ -238,9 +249,35 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
     facts. Every choice made on data (paths, static blocks, thresholds) uses the validation split."""
     teacher = copy.deepcopy(dense).eval() if args.distill > 0 else None
     facts: dict[str, Any] = {}
-    regularizer = None
+    regularizer = self_teacher = None
     self_distill = 0.0
     costs: Optional[gateify.CostModel] = None
+
+    def tune(model: torch.nn.Module, self_teacher: Optional[torch.nn.Module], name: str) -> float:
+        """Fine-tune ``model`` for ``args.epochs`` (the same recipe for every kind); returns the seconds it took."""
+        model.train()
+        # static mode leaves removed branches unused; a CIR gate never calls a controller
+        unused = kind in ("static", "routed", "cascade") or (kind == "gated" and args.gate == "cir")
+        wrapped = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
+        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, amp=args.amp,
+                          seed=args.seed + 1, distill_weight=args.distill, grad_clip=args.grad_clip,
+                          self_distill=self_distill, survivors=args.survivors)
+
+        def after(epoch: int, stats: dict[str, float]) -> dict[str, float]:
+            if not logged_epoch(epoch, cfg.epochs, args):
+                return {}
+            result = evaluate(model, test, device, channels_last=channels_last(args))
+            # FLOPs saved implied by the decisions (per-epoch logging; the final figure is counted by gateify.flops)
+            saved = 1 - costs.fraction(result.keep_rate(), gates_run=kind == "gated") if costs else 0.0
+            log.append({"phase": name, **stats, "test_acc": result.accuracy, "flops_saved": saved})
+            write_log(log, args.out)
+            return {"test_acc": result.accuracy, "flops_saved": saved}
+
+        start = time.perf_counter()
+        fit(wrapped, train, cfg, device, regularizer=regularizer, teacher=teacher, self_teacher=self_teacher,
+            checkpoint=Checkpoint(os.path.join(args.out, f"checkpoint_{name}.safetensors")), resume=args.resume,
+            on_epoch_end=None if kind == "routed" else after, channels_last=channels_last(args), progress_desc=name)
+        return time.perf_counter() - start
     if kind == "dense_continued":
         model = copy.deepcopy(dense)
     else:
@@ -257,43 +294,43 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
                 start = gateify.select_blocks(model, val, preset.target, criterion=args.static_criterion)
                 seed_gates(model, start)
                 facts["gate_init_blocks"] = start
-        elif kind == "routed":
+        elif kind in ("routed", "cascade"):
             plan = route_preset(args)
             paths = gateify.select_paths(model, val, plan.paths)
-            model = gateify.route(model, paths, inplace=True)  # fit() trains it with RouteLoss on every path
             self_distill = plan.self_distill
-            facts["route"] = {**plan.to_dict(), "paths_blocks": paths,
-                              "paths_flops": [costs.static_fraction(p) for p in paths]}
+            if kind == "cascade":  # the deepest model first: it teaches the cheaper ones, as in routing
+                members: list[torch.nn.Module] = []
+                for level in reversed(range(len(paths))):
+                    member = gateify.set_static(copy.deepcopy(model), paths[level])
+                    for gate in gateify.gates(member).values():  # static mode: the controllers stay unused
+                        gate.scorer.requires_grad_(False)
+                    facts.setdefault("member_seconds", []).insert(0, tune(
+                        member, self_teacher=members[0] if members else None, name=f"cascade{level}"))
+                    members.insert(0, member.eval())
+                model = gateify.cascade(members)
+            else:
+                model = gateify.route(model, paths, path_norms=args.path_norms, inplace=True)  # fit(): RouteLoss
+            per_level = model.segment_flops(next(iter(val))[0][:2].to(device))[1]
+            facts["route"] = {**plan.to_dict(), "paths_blocks": paths, "path_norms": args.path_norms,
+                              "survivors": args.survivors, "paths_flops": [costs.static_fraction(p) for p in paths]}
+            # what one training step costs per sample: every path, the common prefix once (forward MACs); a cascade
+            # trained its members one after the other, each an epoch count of its own path
+            facts["train_macs"] = sum(per_level) / 2
         else:  # static: the blocks to remove for the same FLOPs target
             keep = gateify.select_blocks(model, val, target_of(args), criterion=args.static_criterion, nearest=True)
             gateify.set_static(model, keep)
             facts["static_blocks"] = keep
+            facts["train_macs"] = costs.static_fraction(keep) * costs.dense_flops / 2
+            if args.self_teacher:
+                self_teacher = gateify.load(args.self_teacher).to(device).eval()
+                self_distill = 1.0 if args.self_distill is None else args.self_distill
+                facts["self_teacher"] = {"file": args.self_teacher, "weight": self_distill}
         if kind != "gated":  # controllers stay unused: they must not wait for gradients (DDP) or decay
             for gate in gateify.gates(model).values():
                 for p in gate.scorer.parameters():
                     p.requires_grad_(False)
-    model.train()
-    # static mode leaves removed branches unused; a CIR gate never calls a controller
-    unused = kind in ("static", "routed") or (kind == "gated" and args.gate == "cir")
-    wrapped = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, amp=args.amp, seed=args.seed + 1,
-                      distill_weight=args.distill, grad_clip=args.grad_clip, self_distill=self_distill)
-
-    def after(epoch: int, stats: dict[str, float]) -> dict[str, float]:
-        if not logged_epoch(epoch, cfg.epochs, args):
-            return {}
-        result = evaluate(model, test, device, channels_last=channels_last(args))
-        # FLOPs saved implied by the decisions (per-epoch logging; the final figure is counted by gateify.flops)
-        saved = 1 - costs.fraction(result.keep_rate(), gates_run=kind == "gated") if costs else 0.0
-        log.append({"phase": kind, **stats, "test_acc": result.accuracy, "flops_saved": saved})
-        write_log(log, args.out)
-        return {"test_acc": result.accuracy, "flops_saved": saved}
-
-    start = time.perf_counter()
-    fit(wrapped, train, cfg, device, regularizer=regularizer, teacher=teacher,
-        checkpoint=Checkpoint(os.path.join(args.out, f"checkpoint_{kind}.safetensors")), resume=args.resume,
-        on_epoch_end=None if kind == "routed" else after, channels_last=channels_last(args), progress_desc=kind)
-    facts["finetune_seconds"] = time.perf_counter() - start
+    if kind != "cascade":  # a cascade's members were fine-tuned above, one after the other
+        facts["finetune_seconds"] = tune(model, self_teacher, kind)
     if kind == "gated" and args.calibrate:
         facts["calibrated_threshold"] = gateify.calibrate(model, [x.to(device) for x, _ in val], target_of(args))
     if kind == "gated" and args.recal_bn:
@@ -347,13 +384,13 @@ def report(kind: str, model: torch.nn.Module, dense: torch.nn.Module, data: Data
     cl = channels_last(args)
     test_images = [x for x, _ in test]
     dense_macs = gateify.flops(dense.eval(), test_images[:1]).dense_macs
-    points = route_points(model, test, val, args, device, dense_macs) if kind == "routed" else None
+    points = route_points(model, test, val, args, device, dense_macs) if kind in ("routed", "cascade") else None
     result = evaluate(model, test, device, channels_last=cl)
     counted = gateify.flops(model, test_images)
     metrics: dict[str, Any] = {
         "kind": kind, "model": args.model, "dataset": args.dataset, "dataset_version": data.version,
-        "input_size": data.input_size, "fit": data.fit, "method": args.method if kind in ("gated",
-        "routed") else None, "preset": args.preset if kind != "dense_continued" else None,
+        "input_size": data.input_size, "fit": data.fit, "method": args.method if kind in ("gated", "routed",
+        "cascade") else None, "preset": args.preset if kind != "dense_continued" else None,
         "target": target_of(args) if kind != "dense_continued" else None,
         "gate": args.gate if kind == "gated" else None, "epochs": args.epochs,
         "dense_epochs": 0 if args.init else args.dense_epochs, "test_acc": result.accuracy,
@@ -495,7 +532,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary = (f"{kind}: test accuracy {100 * metrics['test_acc']:.2f}% (source {100 * source_acc:.2f}%), "
                    f"realised FLOPs saved {100 * metrics['flops_saved']:.1f}% of {metrics['dense_macs'] / 1e6:.1f}M "
                    f"MACs per image (counted on {metrics['test_samples']} test images, "
-                   f"{'second passes' if kind == 'routed' else 'gate overhead'} included)")
+                   f"{'second passes' if kind in ('routed', 'cascade') else 'gate overhead'} included)")
         if "static_twin_acc" in metrics:
             summary += (f"; static twin {100 * metrics['static_twin_acc']:.2f}% at "
                         f"{100 * metrics['static_twin_flops_saved']:.1f}% saved")

@@ -48,6 +48,7 @@ _EXPORTS = {
     "CostModel": "accounting",
     # routing among nested static paths
     "route": "routing",
+    "cascade": "routing",
     "RoutedModel": "routing",
     "select_paths": "routing",
     "routing_paths": "routing",
@@ -128,8 +129,8 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .compiling import compile
     from .modes import evaluating, gate_mode, gates, keep_rates, record_decisions, set_mode, unwrap
     from .regularizer import PRESETS, GateRegularizer, LossTerms, RegularizerConfig, distill_loss
-    from .routing import (ROUTE_PRESETS, RouteLoss, RoutedModel, RoutePreset, is_routed, level_shares, route,
-                          routing_paths, select_paths)
+    from .routing import (ROUTE_PRESETS, RouteLoss, RoutedModel, RoutePreset, cascade, is_routed, level_shares,
+                          route, routing_paths, select_paths)
     from .static import seed_gates, select_blocks, set_static, static_flops_fraction, static_twin
     from .training import Checkpoint, EvalResult, TrainConfig, evaluate, fit, make_optimizer
 

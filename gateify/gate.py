@@ -241,7 +241,7 @@ class Controller(nn.Module):
             w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
         if w1.dtype is not torch.float32:  # after model.half(): decide in float32 all the same
             w1, b1, w2, b2 = w1.float(), b1.float(), w2.float(), b2.float()
-        if x.shape[0] == 1 and x.dtype is torch.float32 and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and x.shape[0] == 1 and x.dtype is torch.float32:  # no guard in graphs
             m = _as_matrix(x)
             if m is not None:  # addmv: gateify.flops counts it (torch's FLOP counter does not by default)
                 pooled = torch.mv(m, _pool_weights(m.shape[1], x.device))  # (C,)
@@ -591,9 +591,7 @@ class ResidualGate(nn.Module):
         keep = torch.sigmoid(logit) >= threshold  # (B,) bool
         if self.record:
             self._record("hard", torch.sigmoid(logit), keep, None)
-        if torch.compiler.is_exporting():
-            return self._hard_cond(shortcut, inputs, params, keep, split_all=False)
-        if torch._dynamo.config.capture_dynamic_output_shape_ops:  # set by gateify.compile while it traces
+        if torch.compiler.is_exporting() or torch._dynamo.config.capture_dynamic_output_shape_ops:  # gateify.compile
             return self._hard_cond(shortcut, inputs, params, keep, split_all=True)
         return self._skip(shortcut, inputs, params, keep)  # plain torch.compile: dynamo breaks the graph at the sync
 

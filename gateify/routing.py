@@ -45,7 +45,7 @@ from .rewrite import inline_block
 from .segments import RoutePlan, plan_routes, trace_modes
 from .static import select_blocks
 
-__all__ = ["RoutePreset", "ROUTE_PRESETS", "RoutedModel", "route", "select_paths", "routing_paths", "is_routed",
+__all__ = ["RoutePreset", "ROUTE_PRESETS", "RoutedModel", "PathNorm", "route", "cascade", "select_paths", "routing_paths", "is_routed",
            "level_shares", "RouteLoss", "RouteTerms", "routing_metadata", "route_from_metadata"]
 
 
@@ -90,8 +90,42 @@ class RouteResult(NamedTuple):
     levels: torch.Tensor
 
 
+class PathNorm(nn.Module):
+    """One path's running statistics for one BatchNorm of the network, with the network's affine parameters.
+
+    A BatchNorm after the point where two paths part sees different activations on each path; one set of running
+    statistics for both is a mixture that fits neither (slimmable networks keep BatchNorm per width for this reason).
+    With ``gateify.route(..., path_norms=True)`` every level ``k >= 1`` normalises with its own statistics, updated
+    when it trains, while the weight and bias stay shared by every path. ``forward(x, weight, bias)``: ``x`` as the
+    BatchNorm takes it; the statistics start as a copy of the network's.
+    """
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm, source: str) -> None:
+        super().__init__()
+        self.source = source  # the BatchNorm's path in the network
+        self.momentum, self.eps = norm.momentum, norm.eps
+        self.register_buffer("running_mean", norm.running_mean.detach().clone())
+        self.register_buffer("running_var", norm.running_var.detach().clone())
+        self.register_buffer("num_batches_tracked", norm.num_batches_tracked.detach().clone())
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training:  # as torch.nn.BatchNorm: a cumulative average when momentum is None
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training, factor, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"source={self.source!r}"
+
+
+_PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # exactly these: subclasses (BatchNormAct) do more
+
+
 class RoutedModel(nn.Module):
-    """A network that routes each sample among nested static paths (see module doc); built by :func:`route`.
+    """A network that routes each sample among nested static paths (see module doc); built by :func:`route`, or a
+    cascade of separately trained networks, built by :func:`cascade`.
 
     ``routed(x)`` in ``eval()``: ``(B, C, H, W) -> (B, classes)``, each row the output of the path its sample ended on.
     ``routed(x, every_path=True)``: ``(K, B, classes)``, every path on every sample (training, :class:`RouteLoss`);
@@ -99,7 +133,8 @@ class RoutedModel(nn.Module):
 
     Attributes:
         network: the plain network (the converted model without its gates): its state dict keys are the source
-            model's, under ``network.``; ``routed.network.forward_features`` etc. run it densely.
+            model's, under ``network.``; ``routed.network.forward_features`` etc. run it densely. A cascade holds
+            ``networks`` instead, one per level (keys under ``networks.<k>.``), and ``network`` is its last.
         threshold: per deeper level, how unsure (``1 - max softmax``) the previous path must be for a sample to go on:
             a float32 view of the ``threshold_bits`` buffer (int32 bits, so weight averaging never touches it);
             :func:`gateify.calibrate` sets it for a FLOPs target.
@@ -109,25 +144,69 @@ class RoutedModel(nn.Module):
     #: how gateify's model-wide helpers (``require_gates``, ``calibrate``, ``flops``) recognise a routed model
     gateify_routed = True
 
-    def __init__(self, network: nn.Module, paths: Sequence[Mapping[str, bool]], blocks: Mapping[str, Mapping[str, str]],
-                 block_graphs: Sequence[Mapping[str, fx.Graph]], block_classes: Mapping[str, str],
-                 tracer_kwargs: Mapping[str, Any]) -> None:
+    def __init__(self, networks: Sequence[nn.Module], paths: Sequence[Mapping[str, bool]],
+                 blocks: Mapping[str, Mapping[str, str]], block_graphs: Sequence[Mapping[str, fx.Graph]],
+                 block_classes: Mapping[str, str], tracer_kwargs: Mapping[str, Any], path_norms: bool = False) -> None:
         super().__init__()
-        self.network = network
-        self.training = network.training  # a routed model starts in the mode of the model it was made from
+        separate = len(networks) > 1
+        if separate:
+            self.networks = nn.ModuleList(networks)
+            prefixes = [f"networks.{k}" for k in range(len(networks))]
+        else:
+            self.network = networks[0]
+            prefixes = ["network"]
+        self.training = networks[-1].training  # a routed model starts in the mode of the model it was made from
+        if path_norms:
+            self.path_norms = nn.ModuleDict()  # level -> {BatchNorm path with "_" for ".": PathNorm}
         self.register_buffer("threshold_bits",
-                             torch.full((len(paths) - 1,), 0.5, device=model_device(network)).view(torch.int32))
+                             torch.full((len(paths) - 1,), 0.5, device=model_device(networks[-1])).view(torch.int32))
         self.paths: tuple[dict[str, bool], ...] = tuple(dict(p) for p in paths)
         self._block_graphs = [dict(g) for g in block_graphs]
         self._block_classes = dict(block_classes)
         # per deeper level, the blocks where its path differs from the one before (a block holds one gate or more)
         differ = [[b for b, names in blocks.items() if any(paths[k][n] != paths[k - 1][n] for n in names.values())]
                   for k in range(1, len(paths))]
-        tops = trace_modes(network, list(blocks), **tracer_kwargs)
-        plans: dict[bool, RoutePlan] = {False: plan_routes(self, tops[False], "network", block_graphs, differ)}
-        plans[True] = plans[False] if tops[True] is tops[False] else plan_routes(self, tops[True], "network",
-                                                                                   block_graphs, differ)
+        tops = trace_modes(networks[0], list(blocks), **tracer_kwargs)
+        rewrite = self._own_norms if path_norms else None
+        plans: dict[bool, RoutePlan] = {False: plan_routes(self, tops[False], prefixes, block_graphs, differ, rewrite)}
+        plans[True] = plans[False] if tops[True] is tops[False] else plan_routes(self, tops[True], prefixes,
+                                                                                   block_graphs, differ, rewrite)
         self._plans = plans
+        self._buckets = False  # compile_segments: pad deeper sub-batches to powers of two
+        if path_norms:  # the path norms made above follow the model's mode; the network's modules keep their own
+            self.path_norms.train(self.training)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "network" and "networks" in self._modules:  # a cascade: its deepest network stands for it
+            return self._modules["networks"][-1]
+        return super().__getattr__(name)
+
+    @property
+    def is_cascade(self) -> bool:
+        """Whether every level has a network of its own (:func:`cascade`) rather than sharing one (:func:`route`)."""
+        return "networks" in self._modules
+
+    def _own_norms(self, level: int, graph: fx.Graph) -> None:
+        """Level ``level``'s BatchNorm calls (``level >= 1``) normalise with its own statistics (:class:`PathNorm`)."""
+        if level == 0:
+            return
+        holder = self.path_norms[str(level)] if str(level) in self.path_norms else nn.ModuleDict()
+        self.path_norms[str(level)] = holder
+        for node in list(graph.nodes):
+            if node.op != "call_module":
+                continue
+            norm = self.get_submodule(node.target)
+            if type(norm) not in _PLAIN_NORMS or not norm.track_running_stats:
+                continue
+            source = node.target[len("network."):]
+            key = source.replace(".", "_")
+            if key not in holder:
+                holder[key] = PathNorm(norm, source)
+            with graph.inserting_before(node):
+                weight = graph.get_attr(f"{node.target}.weight") if norm.affine else None
+                bias = graph.get_attr(f"{node.target}.bias") if norm.affine else None
+            node.target = f"path_norms.{level}.{key}"
+            node.args = (node.args[0], weight, bias)
 
     # --- what timm-aware code reads off a model ---------------------------------------------------------------------
 
@@ -154,7 +233,8 @@ class RoutedModel(nn.Module):
 
     def extra_repr(self) -> str:
         kept = [sum(p.values()) for p in self.paths]
-        return f"levels={self.levels}, blocks kept per path={kept}, threshold={self.threshold.tolist()}"
+        kind = "cascade of separate networks, " if self.is_cascade else ""
+        return f"{kind}levels={self.levels}, blocks kept per path={kept}, threshold={self.threshold.tolist()}"
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise GateifyError("TorchScript cannot express routing's data-dependent sub-batches; use torch.export.export"
@@ -232,8 +312,16 @@ class RoutedModel(nn.Module):
                 return stay()
             if idx.shape[0] == n:
                 idx = None
-        sub = carried if idx is None else {m: tuple(_gather(t, idx) for t in ts) for m, ts in carried.items()}
+        rows = idx
+        if idx is not None and self._buckets:  # compiled segments: a few sub-batch sizes serve every count
+            m = idx.shape[0]
+            size = 1 << (m - 1).bit_length()
+            rows = torch.cat([idx, idx[:1].expand(size - m)]) if size > m else idx
+        sub = carried if rows is None else {m: tuple(_gather(t, rows) for t in ts) for m, ts in carried.items()}
         outs = plan.segments[k](self, *sub.pop(k))
+        if rows is not idx:  # the padding rows (copies of the first) are dropped again
+            outs = tuple(o[: idx.shape[0]] for o in outs)
+            sub = {m: tuple(t[: idx.shape[0]] for t in ts) for m, ts in sub.items()}
         sub.update(plan.split(k, outs[1:]))
         deeper = self._escalate(plan, k + 1, outs[0], sub, want_levels)
         if idx is None:
@@ -275,6 +363,23 @@ class RoutedModel(nn.Module):
         unsure = self._escalates(logits, k)
         return torch.cond(unsure.any(), deeper, stay, (logits, unsure, *flat))
 
+    def compile_segments(self, *, buckets: bool = True, **compile_kwargs: Any) -> "RoutedModel":
+        """Compile each level's code on its own with ``torch.compile(**compile_kwargs)``; the step between levels
+        stays in Python (one host sync per level). Returns ``self``.
+
+        Where :func:`gateify.compile` makes one graph of everything, this keeps every segment free of data-dependent
+        shapes, which is what CUDA graphs need: with ``mode="reduce-overhead"`` on a GPU each segment is captured
+        once per input shape. ``buckets`` runs a deeper level on the next power of two of its sub-batch (padded with
+        copies of one row, whose outputs are dropped), so that ``log2(B) + 1`` shapes serve every escalation count;
+        pass ``dynamic=False`` so each gets its own graph, and raise ``torch._dynamo.config.recompile_limit`` above
+        that count for large batches. A copy of the model (``copy.deepcopy``) runs its segments uncompiled again.
+        """
+        for plan in {id(p): p for p in self._plans.values()}.values():
+            for segment in plan.segments:
+                segment.compile(**compile_kwargs)
+        self._buckets = buckets
+        return self
+
     # --- paths as plain models, FLOPs, calibration -------------------------------------------------------------------
 
     def path(self, level: int) -> nn.Module:
@@ -282,7 +387,12 @@ class RoutedModel(nn.Module):
         branches): what :func:`gateify.to_static` gives for the same blocks; exports like any ResNet."""
         if not 0 <= level < self.levels:
             raise GateConfigError(f"level={level}: this model routes among paths 0..{self.levels - 1}.")
-        plain = copy.deepcopy(self.network)
+        plain = copy.deepcopy(self.networks[level] if self.is_cascade else self.network)
+        norms = getattr(self, "path_norms", {})
+        for own in (norms[str(level)].values() if str(level) in norms else ()):  # the path's own statistics
+            target = plain.get_submodule(own.source)
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                getattr(target, name).copy_(getattr(own, name))
         for block, graph in self._block_graphs[level].items():
             dense = plain.get_submodule(block)
             static = fx.GraphModule(dense, copy.deepcopy(graph), class_name=self._block_classes[block])
@@ -368,7 +478,7 @@ def _kept(paths: Sequence[Mapping[str, bool]], names: Sequence[str]) -> list[dic
     return [{name: bool(p.get(name, True)) for name in names} for p in paths]
 
 
-def route(model: nn.Module, paths: Sequence[Mapping[str, bool]], *,
+def route(model: nn.Module, paths: Sequence[Mapping[str, bool]], *, path_norms: bool = False,
           leaf_modules: Sequence[Union[type, str]] = (), autowrap_functions: Sequence[Callable] = (),
           inplace: bool = False) -> RoutedModel:
     """A :class:`RoutedModel` that routes each sample among static paths of a converted model.
@@ -378,6 +488,8 @@ def route(model: nn.Module, paths: Sequence[Mapping[str, bool]], *,
             and can be traced by ``torch.fx`` with its gated blocks as leaves (every timm and torchvision ResNet).
         paths: ``K >= 2`` selections ``{block: keep}`` (blocks not named are kept), cheapest first:
             :func:`select_paths` finds nested ones for ``K`` FLOPs targets.
+        path_norms: every deeper level keeps its own BatchNorm running statistics after the point where it departs
+            (:class:`PathNorm`; the weights stay shared), instead of one mixture for every path.
         leaf_modules, autowrap_functions: for the tracer, as in :func:`gateify.convert`, where the network's own
             forward needs them.
         inplace: use ``model``'s modules (its gates are dropped) instead of a copy.
@@ -402,17 +514,69 @@ def route(model: nn.Module, paths: Sequence[Mapping[str, bool]], *,
         if kept[k] == kept[k - 1]:
             raise GateConfigError(f"paths {k - 1} and {k} keep the same blocks.")
     work = unwrap(model) if inplace else copy.deepcopy(unwrap(model))
+    per_path = [_static_blocks(work, keep) for keep in kept]
+    blocks, classes = per_path[0][0], per_path[0][2]
+    network = to_dense(work, inplace=True)
+    return RoutedModel([network], kept, blocks, [graphs for _, graphs, _ in per_path], classes,
+                       {"leaf_modules": tuple(leaf_modules), "autowrap_functions": tuple(autowrap_functions)},
+                       path_norms=path_norms)
+
+
+def cascade(models: Sequence[nn.Module], paths: Optional[Sequence[Mapping[str, bool]]] = None, *,
+            leaf_modules: Sequence[Union[type, str]] = (), autowrap_functions: Sequence[Callable] = ()) -> RoutedModel:
+    """A confidence cascade of separately trained models of one architecture: every sample runs the first; the
+    samples it is unsure of (``1 - max softmax >= threshold``) run the next, from the input, and so on.
+
+    What routing (:func:`route`) does inside one network, with a network per level: no weight is shared, nothing is
+    computed once for two levels, and each model is trained on its own (static pruning, and distillation from the
+    deeper model with ``gateify.fit(..., self_teacher=deeper)``). The result is a :class:`RoutedModel`
+    (``is_cascade``): the same calibration, FLOPs counting, export, compilation and files.
+
+    Args:
+        models: ``K >= 2`` converted models (:func:`gateify.convert`) of one architecture, cheapest first.
+        paths: each model's static selection ``{block: keep}``; default: each model's own (every gate in
+            ``"static"`` mode, as :func:`gateify.set_static` leaves them).
+        leaf_modules, autowrap_functions: for the tracer, as in :func:`route`.
+
+    The models are copied; their gates are dropped (the static selections are baked into each level's code).
+    """
+    if len(models) < 2:
+        raise GateConfigError(f"a cascade needs at least 2 models, got {len(models)}.")
+    found = [require_gates(m, "cascade") for m in models]
+    if any(list(f) != list(found[0]) for f in found):
+        raise GateConfigError("a cascade's models must be conversions of one architecture (the same gated blocks).")
+    if paths is None:
+        modes = {g.mode for f in found for g in f.values()}
+        if modes != {"static"}:
+            raise GateConfigError(f"cascade takes each model's static selection, but its gates are in modes "
+                                  f"{sorted(modes)}; call gateify.set_static(model, keep) on each, or pass paths=.")
+        paths = [{name: bool(g.static_keep) for name, g in f.items()} for f in found]
+    if len(paths) != len(models):
+        raise GateConfigError(f"{len(paths)} paths for {len(models)} models: give one selection per model.")
+    kept = _kept(paths, list(found[0]))
+    networks, block_graphs = [], []
+    for model, keep in zip(models, kept):
+        work = copy.deepcopy(unwrap(model))
+        blocks, graphs, classes = _static_blocks(work, keep)
+        block_graphs.append(graphs)
+        networks.append(to_dense(work, inplace=True))
+    return RoutedModel(networks, kept, blocks, block_graphs, classes,
+                       {"leaf_modules": tuple(leaf_modules), "autowrap_functions": tuple(autowrap_functions)})
+
+
+def _static_blocks(work: nn.Module, keep: Mapping[str, bool]) -> tuple[dict[str, dict[str, str]], dict[str, fx.Graph],
+                                                                      dict[str, str]]:
+    """Per gated block of a converted model: ``{gate attribute: gate name}``, its static graph for ``keep``, and
+    the class name it had."""
     where = {gate: path for path, gate in work.named_modules() if isinstance(gate, ResidualGate)}
-    blocks: dict[str, dict[str, str]] = {}  # block path -> {gate attribute: gate name}
+    blocks: dict[str, dict[str, str]] = {}
     for name, gate in gates(work).items():
         block, _, attr = where[gate].rpartition(".")
         blocks.setdefault(block, {})[attr] = name
-    block_graphs = [{block: inline_block(work.get_submodule(block), {a: keep[n] for a, n in attrs.items()}).graph
-                     for block, attrs in blocks.items()} for keep in kept]
+    graphs = {block: inline_block(work.get_submodule(block), {a: keep[n] for a, n in attrs.items()}).graph
+              for block, attrs in blocks.items()}
     classes = {block: work.get_submodule(block).meta.get("gateify_block_class", "Block") for block in blocks}
-    network = to_dense(work, inplace=True)
-    return RoutedModel(network, kept, blocks, block_graphs, classes,
-                       {"leaf_modules": tuple(leaf_modules), "autowrap_functions": tuple(autowrap_functions)})
+    return blocks, graphs, classes
 
 
 def is_routed(model: nn.Module) -> bool:
@@ -485,23 +649,34 @@ class RouteLoss:
         distill_weight, temperature: distillation of every path from the teacher's logits (0: none).
         self_distill: distillation of every cheaper path from the deepest path's detached logits (0: none).
         label_smoothing: of the cross-entropy.
+        survivors: ``None`` (every path learns from every sample), or the fraction of each batch a deeper path
+            learns from: the samples the path before it is least sure of, those a cascade sends on (the deeper path
+            still runs on every sample, to teach the cheaper ones).
     """
 
     def __init__(self, model: nn.Module, *, distill_weight: float = 1.0, temperature: float = 2.0,
-                 self_distill: float = 1.0, label_smoothing: float = 0.0) -> None:
+                 self_distill: float = 1.0, label_smoothing: float = 0.0, survivors: Optional[float] = None) -> None:
+        if survivors is not None and not 0 < survivors <= 1:
+            raise GateConfigError(f"survivors={survivors} must lie in (0, 1], or be None for every sample.")
         self.model = model
         self.levels = _require_routed(model, "RouteLoss").levels
         self.distill_weight, self.temperature, self.label_smoothing = distill_weight, temperature, label_smoothing
-        self.self_distill = self_distill
+        self.self_distill, self.survivors = self_distill, survivors
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None) -> RouteTerms:
         per_level = self.model(x, every_path=True).float()  # (K, B, classes); through DDP's forward when wrapped
         deepest = per_level[-1].detach()
         losses = []
         for k in range(self.levels):
-            loss = F.cross_entropy(per_level[k], y, label_smoothing=self.label_smoothing)
-            if teacher_logits is not None and self.distill_weight > 0:
-                loss = loss + self.distill_weight * distill_loss(per_level[k], teacher_logits.float(), self.temperature)
+            logits, labels, teacher = per_level[k], y, teacher_logits
+            if self.survivors is not None and k > 0:  # the samples level k - 1 is least sure of
+                unsure = per_level[k - 1].detach().softmax(1).amax(1).argsort()
+                rows = unsure[:max(1, round(self.survivors * len(y)))]
+                logits, labels = logits[rows], labels[rows]
+                teacher = teacher[rows] if teacher is not None else None
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+            if teacher is not None and self.distill_weight > 0:
+                loss = loss + self.distill_weight * distill_loss(logits, teacher.float(), self.temperature)
             if k < self.levels - 1 and self.self_distill > 0:
                 loss = loss + self.self_distill * distill_loss(per_level[k], deepest, self.temperature)
             losses.append(loss)
@@ -511,9 +686,14 @@ class RouteLoss:
 
 def routing_metadata(model: nn.Module) -> dict[str, Any]:
     """What :func:`gateify.load` needs to route a freshly converted model again: each path as the blocks it removes."""
-    return {"paths": [sorted(name for name, keep in p.items() if not keep) for p in routing_paths(model)]}
+    routed = _require_routed(model, "routing_metadata")
+    return {"paths": [sorted(name for name, keep in p.items() if not keep) for p in routing_paths(model)],
+            "path_norms": hasattr(routed, "path_norms"), "cascade": routed.is_cascade}
 
 
 def route_from_metadata(model: nn.Module, meta: Mapping[str, Any], **route_kwargs: Any) -> RoutedModel:
     """:func:`route` as :func:`routing_metadata` recorded it."""
-    return route(model, [{name: False for name in removed} for removed in meta["paths"]], **route_kwargs)
+    paths = [{name: False for name in removed} for removed in meta["paths"]]
+    if meta.get("cascade", False):  # a network per level, each loaded with its own weights after this
+        return cascade([model] * len(paths), paths, **route_kwargs)
+    return route(model, paths, path_norms=bool(meta.get("path_norms", False)), **route_kwargs)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import linecache
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import fx, nn
@@ -61,6 +61,10 @@ class Segment:
 
     def __call__(self, root: nn.Module, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self._forward(root, *inputs)
+
+    def compile(self, **compile_kwargs: Any) -> None:
+        """Run the segment through ``torch.compile(**compile_kwargs)`` from now on."""
+        self._forward = torch.compile(self._forward, **compile_kwargs)
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles carry the graph; the function is generated again
         return {"graph": self.graph, "name": self.name}
@@ -168,39 +172,51 @@ def _mutates_inputs(node: fx.Node, root: nn.Module) -> bool:
     return False
 
 
-def plan_routes(root: nn.Module, top: fx.Graph, prefix: str, block_graphs: Sequence[Mapping[str, fx.Graph]],
-                differ: Sequence[Sequence[str]]) -> RoutePlan:
-    """Segments for every level from the top graph (targets relative to the network at ``prefix`` in ``root``).
+def plan_routes(root: nn.Module, top: fx.Graph, prefixes: Sequence[str], block_graphs: Sequence[Mapping[str, fx.Graph]],
+                differ: Sequence[Sequence[str]],
+                rewrite: Optional[Callable[[int, fx.Graph], None]] = None) -> RoutePlan:
+    """Segments for every level from the top graph.
 
     Args:
+        prefixes: where the network is in ``root``: one path, shared by every level (routing: a level starts where
+            its path departs), or one per level (a cascade of separate networks: every level starts from the input,
+            which level 0 hands on).
         block_graphs: per level, ``{block path: static block graph}`` (targets relative to the block).
         differ: per level ``k >= 1``, the blocks whose static form differs from level ``k - 1``'s.
+        rewrite: called as ``rewrite(level, graph)`` on each level's graph before its code is generated (per-path
+            BatchNorm statistics replace module calls there).
     """
     nodes = list(top.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     levels = len(block_graphs)
-    starts = [0]
-    for k in range(1, levels):
-        at = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target in differ[k - 1]]
-        if not at:
-            raise GateConfigError(f"paths {k - 1} and {k} run the same blocks.")
-        starts.append(min(at))
-    # level k continues the latest earlier level that started no later: before starts[k] they run the same blocks
-    sources = [-1] + [max(j for j in range(k) if starts[j] <= starts[k]) for k in range(1, levels)]
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if len(prefixes) > 1:  # separate networks: nothing is shared, every level starts from the input
+        starts, sources, inputs = [0] * levels, [-1] + [0] * (levels - 1), [placeholders] * levels
+    else:
+        starts = [0]
+        for k in range(1, levels):
+            at = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target in differ[k - 1]]
+            if not at:
+                raise GateConfigError(f"paths {k - 1} and {k} run the same blocks.")
+            starts.append(min(at))
+        # level k continues the latest earlier level that started no later: before starts[k] they run the same blocks
+        sources = [-1] + [max(j for j in range(k) if starts[j] <= starts[k]) for k in range(1, levels)]
 
-    def live(at: int) -> list[fx.Node]:
-        """Values defined before position ``at`` that a node at or after it reads."""
-        return [n for n in nodes[:at] if n.op != "output" and any(position[u] >= at for u in n.users)]
+        def live(at: int) -> list[fx.Node]:
+            """Values defined before position ``at`` that a node at or after it reads."""
+            return [n for n in nodes[:at] if n.op != "output" and any(position[u] >= at for u in n.users)]
 
-    inputs = [[n for n in nodes if n.op == "placeholder"]] + [live(starts[k]) for k in range(1, levels)]
+        inputs = [placeholders] + [live(starts[k]) for k in range(1, levels)]
     carries = [[(m, len(inputs[m])) for m in range(levels) if m > 0 and sources[m] == k] for k in range(levels)]
     output = nodes[-1]
 
-    def qualified(target: str) -> str:
-        return f"{prefix}.{target}" if prefix else target
-
     segments = []
     for k in range(levels):
+        prefix = prefixes[k] if len(prefixes) > 1 else prefixes[0]
+
+        def qualified(target: str) -> str:
+            return f"{prefix}.{target}" if prefix else target
+
         graph = fx.Graph()
         env: dict[fx.Node, Any] = {}
         for n in inputs[k]:
@@ -223,6 +239,8 @@ def plan_routes(root: nn.Module, top: fx.Graph, prefix: str, block_graphs: Seque
                 with graph.inserting_after(value):
                     copies[value] = graph.call_method("clone", (value,))
         graph.output((env[output.args[0]], *[copies.get(v, v) for v in carried]))
+        if rewrite is not None:
+            rewrite(k, graph)
         graph.lint()
         segments.append(Segment(graph, f"route_segment_{k}"))
     return RoutePlan(segments, starts, sources, carries, top.python_code("self").src)

@@ -50,7 +50,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     distill_weight: float = 0.0
     distill_temperature: float = 2.0
-    self_distill: float = 1.0  # routed models: distillation of the cheaper paths from the deepest (RouteLoss)
+    self_distill: float = 1.0  # routed: cheaper paths distilled from the deepest; others: weight of fit's self_teacher
+    survivors: Optional[float] = None  # routed: fraction of each batch a deeper path learns from (RouteLoss)
     controller_lr_mult: float = 10.0
     warmup_epochs: float = 0.0
     amp: bool = False
@@ -294,6 +295,7 @@ def fit(
     *,
     regularizer: Optional[GateRegularizer] = None,
     teacher: Optional[nn.Module] = None,
+    self_teacher: Optional[nn.Module] = None,
     checkpoint: Optional[Checkpoint] = None,
     resume: bool = False,
     on_epoch_end: Optional[Callable[[int, dict[str, float]], dict[str, float]]] = None,
@@ -304,14 +306,18 @@ def fit(
 
     ``regularizer`` adds the gate regulariser's terms (controller gates). A routed model (:func:`gateify.route`)
     trains every path on every sample with a :class:`RouteLoss` built from ``cfg`` (label smoothing, distillation
-    weight and temperature, self-distillation): the teacher's logits are distilled into every path. ``on_epoch_end(epoch,
+    weight and temperature, self-distillation): the teacher's logits are distilled into every path.
+    ``self_teacher`` (another model, e.g. the deeper model of a cascade) is distilled in as well, with weight
+    ``cfg.self_distill``: what a routed model's cheap path gets from its deep path, for a fair comparison. ``on_epoch_end(epoch,
     stats)`` may evaluate and return more statistics to log; it runs before the epoch's checkpoint is written. With ``resume`` and an existing checkpoint, training restarts after its last epoch.
     """
     from tqdm import tqdm
 
     routing = (RouteLoss(model, distill_weight=cfg.distill_weight, temperature=cfg.distill_temperature,
-                         self_distill=cfg.self_distill, label_smoothing=cfg.label_smoothing)
+                         self_distill=cfg.self_distill, label_smoothing=cfg.label_smoothing, survivors=cfg.survivors)
                if is_routed(model) else None)
+    if self_teacher is not None:
+        self_teacher.eval()
     optimizer = make_optimizer(model, cfg)
     start = 0
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
@@ -362,6 +368,10 @@ def fit(
                     if teacher_logits is not None:
                         task = task + cfg.distill_weight * distill_loss(logits.float(), teacher_logits,
                                                                         cfg.distill_temperature)
+                    if self_teacher is not None and cfg.self_distill > 0:
+                        with torch.no_grad():
+                            deeper = self_teacher(x).float()
+                        task = task + cfg.self_distill * distill_loss(logits.float(), deeper, cfg.distill_temperature)
             if regularizer is not None:
                 terms = regularizer(task.float())
                 loss = terms.total

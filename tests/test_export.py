@@ -247,3 +247,19 @@ def test_a_routed_model_runs_in_onnxruntime(routed, routed_program, tmp_path):
             x = batch(n, seed)
             got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
             assert (got - routed(x)).abs().max() <= 1e-4
+
+
+def test_segments_compiled_on_their_own_with_buckets_equal_eager(routed):
+    """routed.compile_segments: each level's code compiled alone (CUDA graphs per segment on a GPU with
+    mode='reduce-overhead'), deeper sub-batches padded to powers of two and trimmed again."""
+    fast = copy.deepcopy(routed).compile_segments(backend="eager", dynamic=False)
+    seen = []
+    hook = fast.network.layer3[0].conv1.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    with torch.no_grad():
+        for n, seed in escalation_sets():
+            x = batch(n, seed)
+            out, levels = routed.forward_routes(x)
+            got, got_levels = fast.forward_routes(x)
+            assert torch.equal(got_levels, levels) and (got - out).abs().max() <= TOL
+    hook.remove()
+    assert seen and all(s & (s - 1) == 0 for s in seen)  # the deeper level only ever saw powers of two

@@ -417,3 +417,100 @@ def test_a_dropout_head_trains_with_dropout_and_routes_without(batch):
     assert not torch.allclose(a, b)  # dropout drew different masks
     with torch.no_grad():
         assert torch.equal(model.eval()(batch, every_path=True), model(batch, every_path=True))
+
+
+def test_path_norms_give_each_deeper_level_its_own_batchnorm_statistics(batch, tmp_path):
+    """route(path_norms=True): after the departure point, path 1 keeps running statistics of its own activations;
+    the weights stay shared. Without it, both paths' batches update one mixture."""
+    shared = gateify.route(gateify.convert(confident_model()), [CHEAP, DEEP]).train()
+    own = gateify.route(gateify.convert(confident_model()), [CHEAP, DEEP], path_norms=True).train()
+    assert set(own.path_norms["1"]) == {f"{b.replace('.', '_')}_bn{i}" for b in ("layer2.2", "layer3.0", "layer3.1")
+                                        for i in (1, 2)}  # the BatchNorms of path 1 after it departs, only
+    assert len(list(own.parameters())) == len(list(shared.parameters()))  # no new weights
+    with torch.no_grad():
+        own(batch, every_path=True)
+        shared(batch, every_path=True)
+    # layer3.0 runs on path 1 only: with its own statistics it holds exactly what the shared model's BatchNorm holds
+    # (one update from path 1's batch); layer2.1's BatchNorm lies before the departure: the network's, updated once
+    assert torch.equal(own.path_norms["1"]["layer3_0_bn1"].running_mean, shared.network.layer3[0].bn1.running_mean)
+    assert torch.equal(own.network.layer2[1].bn1.running_mean, shared.network.layer2[1].bn1.running_mean)
+    assert torch.equal(own.network.layer3[0].bn1.running_mean, confident_model().layer3[0].bn1.running_mean)
+    own.eval()
+    own.threshold.fill_(0.0)  # every sample to path 1
+    with torch.no_grad():
+        out = own(batch)
+        assert torch.allclose(out, own.path(1).eval()(batch), atol=1e-5)  # path(1) carries the path's statistics
+    gateify.save(own, tmp_path / "own.safetensors")
+    loaded = gateify.load(tmp_path / "own.safetensors").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), out)
+
+
+def test_survivors_train_the_deeper_path_on_what_the_cheap_one_sends_on(batch):
+    model = gateify.route(gateify.convert(confident_model()), [CHEAP, DEEP]).train()
+    cheap_model, deep_model = (model.path(k).train() for k in range(2))
+    y = torch.arange(len(batch)) % 10
+    terms = gateify.RouteLoss(model, distill_weight=0.0, self_distill=0.0, survivors=0.25)(batch, y)
+    with torch.no_grad():
+        cheap, deep = cheap_model(batch), deep_model(batch)
+    unsure = cheap.softmax(1).amax(1).argsort()[:6]  # a quarter of 24: the six the cheap path is least sure of
+    assert terms.per_path[0] == pytest.approx(float(F.cross_entropy(cheap, y)), rel=1e-4)
+    assert terms.per_path[1] == pytest.approx(float(F.cross_entropy(deep[unsure], y[unsure])), rel=1e-4)
+    with pytest.raises(gateify.GateConfigError, match="survivors"):
+        gateify.RouteLoss(model, survivors=0.0)
+
+
+def test_fit_distils_a_self_teacher_as_a_cascade_s_cheap_model_would_be(batch):
+    """A fair cascade: its cheap model learns from its deep one as a routed model's cheap path learns from its deep
+    path (fit's self_teacher, weight TrainConfig.self_distill)."""
+    student = gateify.to_static(gateify.convert(confident_model()), keep=CHEAP)
+    deeper = gateify.to_static(gateify.convert(confident_model(4)), keep=DEEP).eval()
+    teacher = confident_model(3).eval()
+    y = torch.arange(len(batch)) % 10
+    cfg = gateify.TrainConfig(epochs=1, lr=0.0, weight_decay=0.0, distill_weight=0.5, self_distill=0.7, grad_clip=0.0)
+    history = gateify.fit(student, [(batch, y)], cfg, torch.device("cpu"), teacher=teacher, self_teacher=deeper)
+    student.train()
+    with torch.no_grad():
+        logits = student(batch)
+        want = (F.cross_entropy(logits, y) + 0.5 * gateify.distill_loss(logits, teacher(batch), 2.0)
+                + 0.7 * gateify.distill_loss(logits, deeper(batch), 2.0))
+    assert history[0]["task"] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_a_cascade_of_separate_models_runs_each_on_its_samples_and_pays_for_both(batch, tmp_path):
+    """gateify.cascade: the same machinery with a network per level: nothing shared, every level from the input."""
+    cheap_model = gateify.set_static(gateify.convert(confident_model(0)), CHEAP)
+    deep_model = gateify.set_static(gateify.convert(confident_model(1)), DEEP)
+    both = gateify.cascade([cheap_model, deep_model]).eval()
+    assert both.is_cascade and set(both.state_dict()) == ({f"networks.{k}.{n}" for k in (0, 1)
+                                                           for n in confident_model().state_dict()} | {"threshold_bits"})
+    gateify.calibrate(both, batch, target=0.6, max_error=1.0)
+    with torch.no_grad():
+        out, level = both.forward_routes(batch)
+        cheap = gateify.to_static(cheap_model).eval()(batch)
+        deep = gateify.to_static(deep_model).eval()(batch)
+    assert 0 < int(level.sum()) < len(batch)
+    assert torch.equal(level == 1, 1 - cheap.softmax(1).amax(1) >= both.threshold[0])
+    assert torch.allclose(out[level == 0], cheap[level == 0], atol=1e-5)
+    assert torch.allclose(out[level == 1], deep[level == 1], atol=1e-5)
+    report = gateify.flops(both, batch)
+    cost = [gateify.flops(gateify.to_static(m), batch[:1]).executed_flops for m in (cheap_model, deep_model)]
+    assert report.executed_flops == pytest.approx(cost[0] + report.level_shares[1] * cost[1], rel=1e-6)
+    gateify.save(both, tmp_path / "cascade.safetensors")
+    loaded = gateify.load(tmp_path / "cascade.safetensors").eval()
+    assert loaded.is_cascade
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), out)
+        program = torch.export.export(both, (batch,))
+        assert torch.allclose(program.module()(batch), out, atol=1e-5)
+    with pytest.raises(gateify.GateConfigError, match="static"):
+        gateify.cascade([gateify.convert(confident_model()), deep_model])
+
+
+def test_route_keeps_every_modules_own_train_flag():
+    """A deliberately frozen BatchNorm inside a model in train() stays frozen once routed (and with path norms)."""
+    model = gateify.convert(confident_model()).train()
+    model.bn1.eval()
+    for path_norms in (False, True):
+        routed = gateify.route(model, [CHEAP, DEEP], path_norms=path_norms)
+        assert routed.training and routed.network.layer1[1].bn1.training and not routed.network.bn1.training
