@@ -261,7 +261,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     seeds = list(range(args.seed, args.seed + args.seeds))
     work = tasks(args, seeds)
     jobs = max(1, min(args.jobs, len(work)))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = pareto.threads_per_job(jobs)
     _logger.info("%d seeds x %d budgets: %d fine-tuning runs, %d epochs in all, on %d processes of %d threads",
                  len(seeds), len(budgets), len(work), sum(t["budget"] for t in work), jobs, threads)
     try:

@@ -101,6 +101,14 @@ def run_one(args: argparse.Namespace, seed: int, name: str, **changes: Any) -> d
     return metrics
 
 
+def threads_per_job(jobs: int) -> int:
+    """CPU threads for each of ``jobs`` processes: the cores split between them, never more than this process may
+    use (OMP_NUM_THREADS=1 on a shared machine stays one thread per process)."""
+    import torch
+
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // jobs))
+
+
 def run_seed(args: argparse.Namespace, seed: int, threads: int) -> list[dict[str, Any]]:
     """Every run of one seed; returns its points (one per run, or per operating point of a routed run)."""
     import torch
@@ -380,7 +388,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     start = time.perf_counter()
     seeds = list(range(args.seed, args.seed + args.seeds))
     jobs = max(1, min(args.jobs, len(seeds)))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_per_job(jobs)
     try:
         if jobs == 1:
             results = [run_seed(args, seed, threads) for seed in seeds]

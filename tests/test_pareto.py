@@ -85,3 +85,17 @@ def test_each_control_gets_a_paired_t_test_and_the_strongest_is_named():
     assert static["p"] == pytest.approx(1 - 2 * __import__("math").atan(4) / __import__("math").pi)
     assert routed["controls"]["cascade"]["values"] == pytest.approx([-0.03, -0.01])
     assert routed["strongest"] == "cascade" and "static_fair" in routed["controls"]  # no fair point: equal-epoch one
+
+
+def test_each_job_gets_its_share_of_the_cores_within_the_thread_limit(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(pareto.os, "cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        assert [pareto.threads_per_job(j) for j in (1, 2, 3, 16)] == [8, 4, 2, 1]
+        torch.set_num_threads(1)  # OMP_NUM_THREADS=1: one thread per process, however many cores
+        assert pareto.threads_per_job(1) == 1
+    finally:
+        torch.set_num_threads(before)
