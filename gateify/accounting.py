@@ -145,9 +145,19 @@ def _addmv_flops(self_shape: Any, mat_shape: Any, vec_shape: Any, out_shape: Any
     return 2 * mat_shape[0] * mat_shape[1]
 
 
-# a controller deciding for one sample runs its layers as addmv, which torch's counter leaves out; its pooling (mv
-# there, a mean otherwise) is not counted, like every pooling
-_CONTROLLER_FLOPS = {torch.ops.aten.addmv: _addmv_flops}
+def _cpu_attention_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """``softmax(Q K^T) V`` of ``(B, heads, L, E)`` queries against ``S`` keys: two batched matrix products,
+    ``2 B heads L S (E + Ev)``, as torch's counter counts its CUDA attention kernels."""
+    b, h, l, e = query_shape
+    s, ev = key_shape[-2], value_shape[-1]
+    return 2 * b * h * l * s * (e + ev)
+
+
+# a controller deciding for one sample runs its layers as addmv, and scaled_dot_product_attention runs as a CPU
+# kernel: torch's counter leaves both out. A controller's pooling (mv there, a mean otherwise) is not counted, like
+# every pooling
+_EXTRA_FLOPS = {torch.ops.aten.addmv: _addmv_flops,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 
 
 class _Counter:
@@ -156,7 +166,7 @@ class _Counter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.gates = gates(model)
-        self.mode = FlopCounterMode(display=False, custom_mapping=_CONTROLLER_FLOPS)
+        self.mode = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
         self.branch = {name: 0 for name in self.gates}
         self.controller = {name: 0 for name in self.gates}
         self.kept = {name: 0.0 for name in self.gates}

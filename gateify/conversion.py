@@ -10,6 +10,7 @@ every block has been rewritten, so a refusal leaves it as it was.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import time
 import warnings
@@ -67,18 +68,41 @@ def _example_input(model: nn.Module, example_input: Optional[torch.Tensor]) -> t
     return torch.randn(EXAMPLE_BATCH, *input_shape(model), generator=generator).to(device=device, dtype=dtype)
 
 
+def _positional(module: nn.Module, path: str, args: tuple, kwargs: dict) -> tuple:
+    """A call's arguments in the order of ``module.forward``'s parameters, defaults filled in: the order of the
+    placeholders that tracing ``module`` gives (keyword-only parameters come after the positional ones there too).
+    Swin's ``self.attn(x, mask=mask)`` becomes ``(x, mask)``."""
+    signature = inspect.signature(module.forward)
+    variadic = [p.name for p in signature.parameters.values()
+                if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    if variadic and kwargs:
+        raise GateifyError(f"block '{path}' ({type(module).__name__}) is called with keyword arguments "
+                           f"{sorted(kwargs)} and its forward takes *{variadic[0]}, so gateify cannot tell which "
+                           f"traced input each keyword feeds. Pass leaf_modules=['{path}'] to call it as a whole "
+                           f"(ungated), or give its forward named parameters.")
+    if variadic:
+        return args
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise GateifyError(f"block '{path}' ({type(module).__name__}) was called with arguments its forward "
+                           f"signature does not accept ({e}). Pass leaf_modules=['{path}'] to call it as a "
+                           f"whole (ungated).") from e
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())
+
+
 def _capture_block_inputs(model: nn.Module, paths: Sequence[str], x: torch.Tensor) -> dict[str, tuple]:
-    """Each block's first positional inputs, in the order blocks ran: from an eval-mode run of ``model(x)``, then
-    for blocks that only run in training (``if self.training: ...``), from a train-mode run whose BatchNorm
-    statistics are restored after. Blocks neither run reaches are left out."""
+    """Each block's first inputs, positional and keyword ones in its forward's parameter order, in the order blocks
+    ran: from an eval-mode run of ``model(x)``, then for blocks that only run in training (``if self.training:
+    ...``), from a train-mode run whose BatchNorm statistics are restored after. Blocks neither run reaches are
+    left out."""
     seen: dict[str, tuple] = {}
     handles = []
     for path in paths:
         def hook(module: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
-            if kwargs:
-                raise GateifyError(f"block '{path}' is called with keyword arguments {sorted(kwargs)}; gateify "
-                                   f"gates blocks called positionally. Pass leaf_modules=['{path}'] to skip it.")
-            seen.setdefault(path, args)
+            if path not in seen:
+                seen[path] = _positional(module, path, args, kwargs)
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
     flags = training_flags(model)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
@@ -179,12 +203,13 @@ def convert(
 
     converted: dict[str, fx.GraphModule] = {}
     block_gates: dict[str, list[ResidualGate]] = {}
+    block_failures: dict[str, str] = {}  # blocks whose own forward could not be traced for gating
     for path, args in block_inputs.items():
         block = work.get_submodule(path)
         try:
             block_graph = trace_block(block, path, leaf_types, leaf_names, autowrap_functions)
         except TraceFailure as f:
-            failures[f.failed] = str(f)
+            block_failures[f.failed] = str(f)
             continue
         gm = fx.GraphModule(block, block_graph, class_name=f"Gated{type(block).__name__}")
         gm.meta["gateify_block_class"] = type(block).__name__  # survives deepcopy, unlike the class name
@@ -196,13 +221,25 @@ def convert(
         restore_training_flags(gm, flags)
         gm.training = block.training
         remove_dead_pure_nodes(gm.graph)
-        residuals = [(n, *split) for n in list(gm.graph.nodes) if (split := split_residual(n, gm)) is not None]
-        gated = [gate_residual(gm, add, shortcut, branch, config, path, recorder.values, primary=i == 0)
-                 for i, (add, shortcut, branch) in enumerate(residuals)]
+        residuals: list[tuple[fx.Node, fx.Node, fx.Node]] = []
+        for n in list(gm.graph.nodes):
+            split = split_residual(n, gm, earlier=[add for add, _, _ in residuals])
+            if split is not None:
+                residuals.append((n, *split))
+        gated, replaced = [], {}  # an addition already gated -> its gate call (a later residual's shortcut)
+        for add, shortcut, branch in residuals:
+            node = gate_residual(gm, add, replaced.get(shortcut, shortcut), replaced.get(branch, branch), config,
+                                 path, recorder.values, primary=not gated)
+            replaced[add] = node
+            gated.append(gm.get_submodule(node.target))
         if gated:
             gm.graph.lint()
             gm.recompile()
             converted[path], block_gates[path] = gm, gated
+    # a block inside a converted block's branch would not be gated on its own anyway (see nested below): that it
+    # cannot be traced by itself (Swin's WindowAttention traces differently in train and eval) changes nothing
+    failures.update({p: why for p, why in block_failures.items()
+                     if not any(p.startswith(outer + ".") for outer in converted)})
     if not converted:
         if failures:
             raise UntraceableModelError(untraceable_message(failures))

@@ -2,7 +2,8 @@
 
 An ``add`` of two tensors of equal shape is a residual addition when both operands fork from the block's input with
 no convolution or linear layer shared by both sides (so the fork is the block input itself, or a normalisation of
-it, as in pre-activation ResNets). The side with more parametrised layers is the branch ``F``, the other the
+it, as in pre-activation ResNets), or from the output of an earlier residual addition of the same block (the MLP
+residual of a pre-norm transformer block, whose shortcut is the attention residual's output). The side with more parametrised layers is the branch ``F``, the other the
 shortcut ``S``. Additions inside a branch (Res2Net's hierarchical sums, attention pooling) fork after a
 convolution and are left alone.
 """
@@ -10,7 +11,7 @@ convolution and are left alone.
 from __future__ import annotations
 
 import operator
-from typing import Iterable, Optional
+from typing import Collection, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,14 @@ def tensor_shape(node: fx.Node) -> Optional[torch.Size]:
     return getattr(meta, "shape", None)
 
 
-def split_residual(node: fx.Node, root: nn.Module) -> Optional[tuple[fx.Node, fx.Node]]:
-    """``(shortcut, branch)`` if ``node`` is a residual addition of this block's graph, else ``None``."""
+def split_residual(node: fx.Node, root: nn.Module,
+                   earlier: Collection[fx.Node] = ()) -> Optional[tuple[fx.Node, fx.Node]]:
+    """``(shortcut, branch)`` if ``node`` is a residual addition of this block's graph, else ``None``.
+
+    ``earlier``: the residual additions already found in this block. A fork at one of them counts as a fork at
+    the block input: a pre-norm transformer block is ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``, and the
+    second shortcut is the first addition's output, which the attention's linear layers precede.
+    """
     operands = add_operands(node)
     if operands is None:
         return None
@@ -81,8 +88,10 @@ def split_residual(node: fx.Node, root: nn.Module) -> Optional[tuple[fx.Node, fx
         return None
     anc_a, anc_b = ancestors(a), ancestors(b)
     shared = anc_a & anc_b
-    if not any(n.op == "placeholder" for n in shared) or any(_is_heavy(n, root) for n in shared):
-        return None  # not forking from the block input (e.g. a sum inside a branch)
+    forks = [r for r in earlier if r in shared]
+    before_fork = set().union(*(ancestors(r) for r in forks))  # settled by an earlier residual: may hold layers
+    if not any(n.op == "placeholder" for n in shared) or any(_is_heavy(n, root) for n in shared - before_fork):
+        return None  # not forking from the block input or an earlier residual (e.g. a sum inside a branch)
     only_a, only_b = anc_a - shared, anc_b - shared
     heavy_a = sum(_is_heavy(n, root) for n in only_a)
     heavy_b = sum(_is_heavy(n, root) for n in only_b)

@@ -56,15 +56,32 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return model
 
 
+def _own_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """``(H, W)`` the model was built for, where it records one: timm's ``img_size`` (MaxViT, CrossViT, ...) or
+    ``patch_embed.img_size`` (ViT, DeiT, BEiT, Swin, ...), torchvision's ``image_size`` (ViT)."""
+    owners = ((model, "img_size"), (model, "image_size"), (getattr(model, "patch_embed", None), "img_size"))
+    for owner, attr in owners:
+        size = getattr(owner, attr, None) if isinstance(owner, nn.Module) else None
+        if isinstance(size, int) and size > 0:
+            return size, size
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size):
+            return int(size[0]), int(size[1])
+    return None
+
+
 def input_shape(model: nn.Module, size: int | None = None) -> tuple[int, int, int]:
-    """``(C, H, W)`` the model takes: the first convolution's input channels, and ``size`` or else the
-    ``pretrained_cfg`` input size timm records (224 for models without one)."""
+    """``(C, H, W)`` the model takes: the first convolution's input channels, and ``size``, or else the size the
+    model was built for (``timm.create_model("vit_tiny_patch16_224", img_size=64)`` takes 64x64, whatever its
+    registry default), or else the ``pretrained_cfg`` input size timm records (224 for models without one)."""
     first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     channels = first_conv.in_channels if first_conv is not None else 3
-    if size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        return (channels, *tuple(int(s) for s in cfg.get("input_size", (3, 224, 224))[-2:]))
-    return channels, size, size
+    if size is not None:
+        return channels, size, size
+    own = _own_image_size(model)
+    if own is not None:
+        return (channels, *own)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return (channels, *tuple(int(s) for s in cfg.get("input_size", (3, 224, 224))[-2:]))
 
 
 def _io_kwargs(model: nn.Module) -> dict[str, int]:
