@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -153,11 +154,35 @@ def _cpu_attention_flops(query_shape: Any, key_shape: Any, value_shape: Any, *ar
     return 2 * b * h * l * s * (e + ev)
 
 
-# a controller deciding for one sample runs its layers as addmv, and scaled_dot_product_attention runs as a CPU
-# kernel: torch's counter leaves both out. A controller's pooling (mv there, a mean otherwise) is not counted, like
-# every pooling
+def _native_mha_flops(query_shape: Any, key_shape: Any, value_shape: Any, embed_dim: int, *args: Any,
+                      **kwargs: Any) -> int:
+    """``nn.MultiheadAttention``'s inference fast path (torchvision's ViT): the q, k, v and output projections,
+    ``2 E^2 (2 L + 2 S)`` per sample, and the attention itself, ``2 L S (E + E)``."""
+    b, l, _ = query_shape
+    s = key_shape[1]
+    return 2 * b * embed_dim * embed_dim * (2 * l + 2 * s) + 2 * b * l * s * 2 * embed_dim
+
+
+# a controller deciding for one sample runs its layers as addmv, and attention on a CPU runs as fused kernels: torch's
+# counter leaves them out. A controller's pooling (mv there, a mean otherwise) is not counted, like every pooling
 _EXTRA_FLOPS = {torch.ops.aten.addmv: _addmv_flops,
-                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+                torch.ops.aten._native_multi_head_attention: _native_mha_flops}
+
+
+@contextmanager
+def _no_parameter_grads(model: nn.Module) -> Iterator[None]:
+    """Every parameter ``requires_grad=False`` inside, as it was after. Under ``no_grad`` a view of a parameter (the
+    class token or latent query that CaiT and attention-pool heads ``expand`` per batch) is a leaf that requires
+    grad without a grad accumulator, and the module tracker of torch's FLOP counter fails on it."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 class _Counter:
@@ -189,7 +214,7 @@ class _Counter:
             handles += self._attribute(gate.scorer, self.controller, name)
         device = model_device(self.model)
         try:
-            with torch.no_grad(), self.mode, record_decisions(self.model):
+            with torch.no_grad(), _no_parameter_grads(self.model), self.mode, record_decisions(self.model):
                 for x in batches:
                     self.model(x.to(device))
                     self.samples += x.shape[0]

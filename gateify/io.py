@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from typing import Any, Collection, Mapping, Optional, Union
 
 import torch
@@ -86,6 +87,9 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, architecture: Optio
         "routing": json.dumps(routing_metadata(module) if found else None),
     }
     state = module.state_dict()
+    versions = _module_versions(state)
+    if versions:
+        metadata["module_versions"] = json.dumps(versions)
     storages: dict[tuple, str] = {}
     for key, tensor in state.items():
         ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
@@ -268,12 +272,32 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
     if unknown or set(modes) != set(gates(target)):
         raise WeightsFileError(f"'{path}' lists gates {sorted(modes)} with modes {sorted(unknown) or 'ok'}, but the "
                                f"model has gates {list(gates(target))}.")
-    target.load_state_dict(tensors, strict=True)
+    target.load_state_dict(_versioned(target, tensors, _json_field(path, metadata, "module_versions")), strict=True)
     for name, gate in gates(target).items():
         gate.mode = modes[name]["mode"]
         gate.tau = float(modes[name].get("tau", gate.tau))  # absent in files written before they were stored
         gate.noise = float(modes[name].get("noise", gate.noise))
     return target
+
+
+def _module_versions(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """``{module prefix: _version}`` of a state dict, as ``state_dict()`` records them in ``_metadata``."""
+    meta = getattr(state, "_metadata", None) or {}
+    return {prefix: m["version"] for prefix, m in meta.items() if isinstance(m, dict) and m.get("version") is not None}
+
+
+def _versioned(model: nn.Module, tensors: Mapping[str, torch.Tensor],
+               versions: Optional[Mapping[str, int]]) -> "OrderedDict[str, torch.Tensor]":
+    """``tensors`` as a state dict with per-module versions, which safetensors does not keep: the file's own where
+    :func:`save` wrote them, else the model's (a layout this library builds today). A module whose
+    ``_load_from_state_dict`` reads its version (torchvision's MNASNet) refuses a state dict without."""
+    out = OrderedDict(tensors)
+    own = getattr(model.state_dict(), "_metadata", None)
+    meta = OrderedDict((prefix, dict(m)) for prefix, m in own.items()) if own is not None else OrderedDict()
+    for prefix, version in (versions or {}).items():
+        meta.setdefault(prefix, {})["version"] = version
+    out._metadata = meta  # type: ignore[attr-defined]
+    return out
 
 
 def _gate_keys(model: nn.Module) -> set[str]:
@@ -311,13 +335,15 @@ def load_dense(model: nn.Module, weights: Union[str, os.PathLike, Mapping[str, t
     metadata: dict[str, str] = {}
     if isinstance(weights, Mapping):
         tensors, where = dict(weights), "the state dict"
+        versions = _module_versions(weights)
     else:
         tensors, metadata = read_safetensors(weights)
         where = os.fspath(weights)
+        versions = _json_field(where, metadata, "module_versions")
     inserted = _gate_keys(model)
     tensors = {k: v for k, v in tensors.items() if k not in inserted}
     hint = (f"'{where}' was written by gateify.save: load it with gateify.load('{where}') instead."
             if is_gateify_file(metadata) and not inserted else "")
     check_fits(model, tensors, where, may_lack=inserted, hint=hint)
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict(_versioned(model, tensors, versions), strict=False)
     return model

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["add_operands", "is_addition", "split_residual", "branch_nodes", "ancestors", "tensor_shape",
+__all__ = ["add_operands", "is_addition", "is_heavy", "split_residual", "branch_nodes", "ancestors", "tensor_shape",
            "remove_dead_pure_nodes"]
 
 _ADD_FUNCTIONS = (operator.add, torch.add)
@@ -38,7 +38,7 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _is_heavy(node: fx.Node, root: nn.Module) -> bool:
+def is_heavy(node: fx.Node, root: nn.Module) -> bool:
     """A convolution, linear layer or matmul: what makes a branch worth skipping."""
     if node.op == "call_module":
         return any(p.ndim >= 2 for p in root.get_submodule(node.target).parameters())
@@ -90,26 +90,41 @@ def split_residual(node: fx.Node, root: nn.Module,
     shared = anc_a & anc_b
     forks = [r for r in earlier if r in shared]
     before_fork = set().union(*(ancestors(r) for r in forks))  # settled by an earlier residual: may hold layers
-    if not any(n.op == "placeholder" for n in shared) or any(_is_heavy(n, root) for n in shared - before_fork):
+    if not any(n.op == "placeholder" for n in shared) or any(is_heavy(n, root) for n in shared - before_fork):
         return None  # not forking from the block input or an earlier residual (e.g. a sum inside a branch)
     only_a, only_b = anc_a - shared, anc_b - shared
-    heavy_a = sum(_is_heavy(n, root) for n in only_a)
-    heavy_b = sum(_is_heavy(n, root) for n in only_b)
+    heavy_a = sum(is_heavy(n, root) for n in only_a)
+    heavy_b = sum(is_heavy(n, root) for n in only_b)
     if heavy_a == heavy_b:
         size_a, size_b = _param_count(only_a, root), _param_count(only_b, root)
         if size_a == size_b:
             return None
         heavy_a, heavy_b = size_a, size_b
     shortcut, branch = (a, b) if heavy_a < heavy_b else (b, a)
-    if not any(_is_heavy(n, root) for n in ancestors(branch) - shared):
+    if not any(is_heavy(n, root) for n in ancestors(branch) - shared):
         return None
     return shortcut, branch
 
 
+def _in_place(node: fx.Node) -> bool:
+    """``t.mul_(g)``, ``torch.relu_(t)``: a call that writes into its first argument."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("_")
+
+
 def branch_nodes(branch: fx.Node, shortcut: fx.Node, add: fx.Node) -> list[fx.Node]:
-    """Nodes computed only for the branch, in graph order: they can be skipped for a sample."""
+    """Nodes computed only for the branch, in graph order: they can be skipped for a sample.
+
+    In-place writes into a branch tensor (NFNet's ``out.mul_(self.skipinit_gain)``, whose result nothing reads) are
+    part of the branch: they run and are skipped with it."""
     candidates = ancestors(branch) - ancestors(shortcut)
     candidates = {n for n in candidates if n.op not in ("placeholder", "get_attr")}
+    grown = True
+    while grown:
+        writes = {u for n in candidates for u in n.users if u not in candidates and u is not add and _in_place(u)
+                  and u.args and u.args[0] is n and not u.users}
+        grown = bool(writes)
+        candidates |= writes
     changed = True
     while changed:  # a node with a user outside the branch must run for everyone, and so must its inputs
         changed = False

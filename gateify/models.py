@@ -56,23 +56,43 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return model
 
 
+_SIZE_KEYWORDS = ("img_size", "image_size", "input_size")
+
+
+def _as_hw(size: Any) -> tuple[int, int] | None:
+    if isinstance(size, int) and size > 0:
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size):
+        return int(size[0]), int(size[1])
+    return None
+
+
 def _own_image_size(model: nn.Module) -> tuple[int, int] | None:
-    """``(H, W)`` the model was built for, where it records one: timm's ``img_size`` (MaxViT, CrossViT, ...) or
-    ``patch_embed.img_size`` (ViT, DeiT, BEiT, Swin, ...), torchvision's ``image_size`` (ViT)."""
-    owners = ((model, "img_size"), (model, "image_size"), (getattr(model, "patch_embed", None), "img_size"))
-    for owner, attr in owners:
-        size = getattr(owner, attr, None) if isinstance(owner, nn.Module) else None
-        if isinstance(size, int) and size > 0:
-            return size, size
-        if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size):
-            return int(size[0]), int(size[1])
+    """``(H, W)`` the model was built for, where it records one: the size keyword it was built with by
+    :func:`create_model` (and so by :func:`gateify.load`), timm's ``img_size`` (MaxViT, CrossViT, ...) or its patch
+    embedding's (ViT, DeiT, BEiT, Swin: ``patch_embed``; MLP-Mixer: ``stem``), torchvision's ``image_size`` (ViT)."""
+    kwargs = (getattr(model, _ARCH_ATTR, None) or {}).get("kwargs", {})
+    for keyword in _SIZE_KEYWORDS:
+        size = _as_hw(kwargs.get(keyword))
+        if size is not None:
+            return size
+    for attr in ("img_size", "image_size"):
+        size = _as_hw(getattr(model, attr, None))
+        if size is not None:
+            return size
+    for module in model.modules():  # timm's PatchEmbed, wherever the model keeps it
+        if hasattr(module, "patch_size") and getattr(module, "strict_img_size", True):
+            size = _as_hw(getattr(module, "img_size", None))
+            if size is not None:
+                return size
     return None
 
 
 def input_shape(model: nn.Module, size: int | None = None) -> tuple[int, int, int]:
     """``(C, H, W)`` the model takes: the first convolution's input channels, and ``size``, or else the size the
     model was built for (``timm.create_model("vit_tiny_patch16_224", img_size=64)`` takes 64x64, whatever its
-    registry default), or else the ``pretrained_cfg`` input size timm records (224 for models without one)."""
+    registry default; see :func:`_own_image_size`), or else the ``pretrained_cfg`` input size timm records (224 for
+    models without one)."""
     first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     channels = first_conv.in_channels if first_conv is not None else 3
     if size is not None:
