@@ -14,7 +14,8 @@ import inspect
 import logging
 import time
 import warnings
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import fx, nn
@@ -100,6 +101,25 @@ def _block_call(module: nn.Module, path: str, args: tuple, kwargs: dict) -> _Blo
                       frozenset(name for name, value in bound.arguments.items() if value is None))
 
 
+@contextmanager
+def _as_it_was(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` inside and get it back as it was: train/eval flags, BatchNorm statistics a train() run moved,
+    and buffers a module replaced (a cache such as ConViT's rel_indices that the first call fills)."""
+    flags = training_flags(model)
+    buffers = {name: (b, b.clone()) for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        restore_training_flags(model, flags)
+        with torch.no_grad():
+            for name, (tensor, value) in buffers.items():
+                tensor.copy_(value)
+                owner, _, attr = name.rpartition(".")
+                module = model.get_submodule(owner)
+                if module._buffers.get(attr) is not tensor:
+                    module._buffers[attr] = tensor
+
+
 def _capture_block_inputs(model: nn.Module, paths: Sequence[str], x: torch.Tensor) -> dict[str, _BlockCall]:
     """Each block's first inputs, positional and keyword ones in its forward's parameter order, in the order blocks
     ran: from an eval-mode run of ``model(x)``, then for blocks that only run in training (``if self.training:
@@ -112,15 +132,14 @@ def _capture_block_inputs(model: nn.Module, paths: Sequence[str], x: torch.Tenso
             if path not in seen:
                 seen[path] = _block_call(module, path, args, kwargs)
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
-    flags = training_flags(model)
-    buffers = {name: (b, b.clone()) for name, b in model.named_buffers()}
     try:
-        for train in (False, True):
-            if train and set(seen) == set(paths):
-                break
-            model.train(train)
-            with torch.no_grad():
-                model(x)
+        with _as_it_was(model):
+            for train in (False, True):
+                if train and set(seen) == set(paths):
+                    break
+                model.train(train)
+                with torch.no_grad():
+                    model(x)
     except GateifyError:
         raise
     except Exception as e:
@@ -129,17 +148,30 @@ def _capture_block_inputs(model: nn.Module, paths: Sequence[str], x: torch.Tenso
             f"gateify runs the model once to learn block shapes: pass example_input=<a tensor the model accepts>."
         ) from e
     finally:
-        restore_training_flags(model, flags)
-        with torch.no_grad():
-            for name, (tensor, value) in buffers.items():
-                tensor.copy_(value)  # BatchNorm statistics the train() run moved
-                owner, _, attr = name.rpartition(".")
-                module = model.get_submodule(owner)
-                if module._buffers.get(attr) is not tensor:  # replaced, e.g. a cache (ConViT's rel_indices) that
-                    module._buffers[attr] = tensor  # the first call fills: the model as it was, not half-run
         for h in handles:
             h.remove()
     return seen
+
+
+def _execution_order(model: nn.Module, gates: Sequence[ResidualGate], x: torch.Tensor) -> list[ResidualGate]:
+    """``gates`` in the order an eval() run of the converted model calls them (a block's own residual can come after
+    a child block's: FastViT's token mixer); gates that run only in training follow, in block order."""
+    order: list[ResidualGate] = []
+    handles = [g.register_forward_pre_hook(lambda gate, args: order.append(gate)) for g in gates]
+    modes = [g.mode for g in gates]
+    try:
+        with _as_it_was(model), torch.no_grad():
+            for g in gates:
+                g.mode = "dense"
+            model.eval()
+            model(x)
+    finally:
+        for g, mode in zip(gates, modes):
+            g.mode = mode
+        for h in handles:
+            h.remove()
+    ran = list(dict.fromkeys(order))
+    return ran + [g for g in gates if g not in ran]
 
 
 def _leaf_args(leaf_modules: Sequence[Union[type, str]]) -> tuple[list[type], set[str]]:
@@ -347,7 +379,7 @@ def convert(
 
     for path in _outer_first(converted):  # only now is anything swapped in: a failure above changes nothing
         work.set_submodule(path, converted[path])
-    for i, gate in enumerate(g for gated in block_gates.values() for g in gated):
+    for i, gate in enumerate(_execution_order(work, [g for gated in block_gates.values() for g in gated], x)):
         gate.index = i
     _logger.info("gated %d residual blocks in %.2fs", len(block_gates), time.perf_counter() - start)
     return work

@@ -139,12 +139,13 @@ def branch_nodes(branch: fx.Node, shortcut: fx.Node, add: fx.Node) -> list[fx.No
 def remove_dead_pure_nodes(graph: fx.Graph) -> None:
     """Drop unused results of pure calls (e.g. ``spx[0]`` never read) so they do not pin nodes to the block.
 
-    Conservative on purpose: in-place calls (``relu_``, ``add_``), impure calls and module calls stay.
+    Conservative on purpose: in-place calls (``relu_``, ``add_``), impure calls, checks (``torch._assert``, fx's
+    ``_assert_is_none`` on an argument traced as None) and module calls stay.
     """
     for n in reversed(list(graph.nodes)):
         if n.users or n.op not in ("call_function", "call_method", "get_attr"):
             continue
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-        if n.op != "get_attr" and (name.endswith("_") or n.is_impure()):
+        if n.op != "get_attr" and (name.endswith("_") or name.startswith("_assert") or n.is_impure()):
             continue
         graph.erase_node(n)

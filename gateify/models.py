@@ -44,6 +44,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     if kwargs.pop("pretrained", False):
         raise GateifyError("gateify never downloads weights: create the model, then load your own "
                            "(gateify.load_dense(model, 'weights.safetensors')).")
+    requested = dict(kwargs)
     if name.startswith(TORCHVISION_PREFIX):
         model = _torchvision(name[len(TORCHVISION_PREFIX):], kwargs.pop("num_classes", None),
                              kwargs.pop("in_chans", None), **kwargs)
@@ -52,7 +53,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             raise GateifyError(f"unknown model '{name}': not in timm's registry (timm.list_models('resnet*')); "
                                f"use 'torchvision:<name>' for torchvision models.")
         model = timm.create_model(name, pretrained=False, **kwargs)
-    setattr(model, _ARCH_ATTR, {"name": name, "kwargs": dict(kwargs, **_io_kwargs(model))})
+    setattr(model, _ARCH_ATTR, {"name": name, "kwargs": dict(requested, **_io_kwargs(model))})
     return model
 
 
@@ -107,7 +108,12 @@ def input_shape(model: nn.Module, size: int | None = None) -> tuple[int, int, in
 def _io_kwargs(model: nn.Module) -> dict[str, int]:
     """num_classes and in_chans as built, so a rebuilt model has the same shapes."""
     out: dict[str, int] = {"in_chans": input_shape(model)[0]}
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", None)
+    if hasattr(model, "get_classifier"):
+        classifier = model.get_classifier()
+    else:  # torchvision: fc (ResNet), classifier (MobileNet, EfficientNet, MNASNet, ConvNeXt), heads (ViT)
+        classifier = next((getattr(model, a) for a in ("fc", "classifier", "heads", "head") if hasattr(model, a)), None)
+    if isinstance(classifier, nn.Sequential):
+        classifier = next((m for m in reversed(classifier) if isinstance(m, nn.Linear)), None)
     if isinstance(classifier, nn.Linear):
         out["num_classes"] = classifier.out_features
     return out

@@ -454,10 +454,15 @@ def check_io(row: FamilyRow, gated: nn.Module, x: torch.Tensor) -> str:
     got = decisions(loaded, x)
     if list(gateify.gates(loaded)) != list(gateify.gates(gated)):
         return "the loaded model has other gates"
+    mine, theirs = gated.state_dict(), loaded.state_dict()
+    differ = [k for k, v in mine.items() if k not in theirs or not torch.equal(theirs[k], v)]
+    if differ or len(theirs) != len(mine):
+        return f"{len(differ)} tensors differ after loading (e.g. {differ[:1]})"
     if not torch.equal(got[1], expected[1]):
         return "the loaded model decides differently"
-    if not torch.equal(got[0], expected[0]):
-        return f"outputs differ by {(got[0] - expected[0]).abs().max().item():.1e} after loading"
+    diff = (got[0] - expected[0]).abs().max().item()
+    if diff > TOLERANCE * _scale(expected[0]):  # CPU kernels may round by buffer alignment: not bit for bit
+        return f"outputs differ by {diff:.1e} after loading"
     return "ok"
 
 
@@ -564,8 +569,8 @@ def family_section(rows: list[FamilyRow], size: int, seconds: float) -> list[str
         "branch FLOPs with every gate closed, and for each gate the branch on its kept samples only (`a + b n` for "
         "n kept of the batch, `a` being work done once per call such as Swin V2's relative position bias);",
         "* **save/load**: `gateify.save`, then `gateify.load(path)` with nothing but the file (architecture rebuilt "
-        "from its header and converted at the model's own input size): the same gates, decisions and outputs, "
-        "bit for bit;",
+        "from its header and converted at the model's own input size): the same gates and state dict bit for bit, "
+        f"the same decisions and the same outputs (to {TOLERANCE:g} x the largest magnitude);",
         "* **export**: `torch.export.export` of the hard-gated model has one `torch.cond` per gate and gives the "
         "eager outputs.",
         "",
