@@ -244,10 +244,13 @@ def convert(
     """Gate every residual block of ``model`` per sample; returns the converted model.
 
     Args:
-        model: any ResNet-like ``nn.Module`` (timm, torchvision, gateify's CIFAR zoo, your own) with real weights.
+        model: any residual network (timm or torchvision ResNet, ConvNeXt, ViT, Swin, MobileNet, EfficientNet,
+            gateify's CIFAR zoo, your own) with real weights. Each residual addition of a block is a gate: a
+            transformer block has two (attention, MLP; docs/method.md).
         config: a :class:`GateConfig`; or pass its fields as keywords (``gate="cir"``, ``hidden=16``, ...).
-        example_input: a tensor the model accepts, ``(B, C, H, W)``; default: ``pretrained_cfg['input_size']``
-            (else 3x224x224) with the first convolution's input channels.
+        example_input: a tensor the model accepts, ``(B, C, H, W)``; default: random, at the size the model was
+            built for (``img_size=``, see :func:`gateify.models.input_shape`), else ``pretrained_cfg['input_size']``
+            (else 3x224x224), with the first convolution's input channels.
         leaf_modules: classes or module paths that the tracer must call as a whole rather than trace through.
         autowrap_functions: functions the tracer must record as calls rather than trace through.
         inplace: modify ``model`` itself instead of a deep copy.
@@ -262,7 +265,8 @@ def convert(
         modules and the leaf-module remedy), NoResidualBlocksError, InputShapeError. The input model is left
         unchanged when any of these is raised. A ``GateifyWarning`` names what was left ungated and why: a module
         that cannot be traced but holds no block (it is called as a whole), a residual block nested inside
-        another's branch (it is skipped with its outer block), a block that the example input never reaches.
+        another's branch (it is skipped with its outer block), a block that the example input never reaches, a
+        residual addition whose branch cannot be skipped (ReXNet's channel-slice sum).
     """
     _check_convertible(model)
     if config is None:
@@ -355,7 +359,8 @@ def convert(
         del converted[inner], block_gates[inner]
     if nested:
         pairs = list(nested.items())
-        listed = "; ".join(f"'{inner}' is a residual block inside the branch of '{outer}'" for inner, outer in pairs[:3])
+        listed = "; ".join(f"'{inner}' is a residual block inside the branch of '{outer}'"
+                           for inner, outer in pairs[:3])
         more = f" (and {len(pairs) - 3} more)" if len(pairs) > 3 else ""
         inner, outer = pairs[0]
         notes.append(f"{listed}{more}: such a block is not gated on its own (skipping '{outer}' skips it too). Pass "

@@ -2,10 +2,10 @@
 
 An ``add`` of two tensors of equal shape is a residual addition when both operands fork from the block's input with
 no convolution or linear layer shared by both sides (so the fork is the block input itself, or a normalisation of
-it, as in pre-activation ResNets), or from the output of an earlier residual addition of the same block (the MLP
-residual of a pre-norm transformer block, whose shortcut is the attention residual's output). The side with more parametrised layers is the branch ``F``, the other the
-shortcut ``S``. Additions inside a branch (Res2Net's hierarchical sums, attention pooling) fork after a
-convolution and are left alone.
+it, as in pre-activation ResNets), or from the output of an earlier residual addition of the same block or of a
+block it calls (the MLP residual of a pre-norm transformer block, whose shortcut is the attention residual's
+output). The side with more parametrised layers is the branch ``F``, the other the shortcut ``S``. Additions inside
+a branch (Res2Net's hierarchical sums, attention pooling) fork after a convolution and are left alone.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from .errors import GateifyError
 from .gate import GateConfig, ResidualGate
 from .matching import ancestors, branch_nodes, is_heavy, tensor_shape
 
-__all__ = ["call_module", "channel_dim", "gate_residual", "NotAResidual", "UnskippableResidual", "inline_block", "ValueRecorder", "EXAMPLE_BATCH"]
+__all__ = ["call_module", "channel_dim", "gate_residual", "NotAResidual", "UnskippableResidual", "inline_block",
+           "ValueRecorder", "EXAMPLE_BATCH"]
 
 EXAMPLE_BATCH = 2  # the example input's batch; shapes tracking it mark batched tensors
 

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 import gateify
 from gateify.models import input_shape
