@@ -21,6 +21,7 @@ Each finished model is appended to a JSON-lines file (``--results``), so ``--res
     python scripts/compatibility.py --suite resnet --out docs/compatibility.md
     nohup python scripts/compatibility.py --suite families --out docs/compatibility.md --resume &
     python scripts/compatibility.py --suite families --models 'vit_*' 'deit_*' --out /tmp/compat.md  # a subset
+    python scripts/compatibility.py --suite families --render     # rewrite the page from the results file only
 """
 
 from __future__ import annotations
@@ -569,6 +570,17 @@ def family_section(rows: list[FamilyRow], size: int, seconds: float) -> list[str
         "Regenerate: `python scripts/compatibility.py --suite families --out docs/compatibility.md --resume` "
         "(results are kept in `runs/compatibility-families.jsonl` as each model finishes).",
         "",
+        "| family | models | convert | dense | skip | FLOPs | save/load | export | every check |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for family in families:
+        members = [r for r in rows if r.family == family]
+        done = [r for r in members if not r.refused]
+        passed = [sum(r.results.get(c) == "ok" for r in done) for c in CHECKS]
+        lines.append(f"| {family} | {len(members)} | {len(done)} | " + " | ".join(map(str, passed))
+                     + f" | {sum(r.ok for r in members)} |")
+    lines += [
+        "",
         "| family | model | input | gates | dense MMACs | saved | dense | skip | FLOPs | save/load | export |",
         "|---|---|---|---:|---:|---:|---|---|---|---|---|",
     ]
@@ -650,17 +662,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="input height/width tried first")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-export", action="store_true", help="families: leave out torch.export (fast)")
+    parser.add_argument("--render", action="store_true", help="only rewrite the page from --results, run nothing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     results = Path(args.results or f"runs/compatibility-{args.suite}.jsonl")
     results.parent.mkdir(parents=True, exist_ok=True)
     names = model_names(args.suite, args.models)
-    done = read_results(results, args.suite) if args.resume else {}
-    if not args.resume:
+    done = read_results(results, args.suite) if args.resume or args.render else {}
+    if not (args.resume or args.render):
         results.write_text("")
-    elapsed = sum(getattr(r, "seconds", 0.0) for r in done.values())
-    for name in names:
+    elapsed = sum(getattr(r, "seconds", 0.0) for r in done.values() if r.model in names)
+    for name in [] if args.render else names:
         if name in done:
             continue
         start = time.perf_counter()
@@ -676,10 +689,16 @@ def main() -> None:
         done[name] = row
         with results.open("a") as f:
             f.write(json.dumps(asdict(row)) + "\n")
-        rows = [done[n] for n in names if n in done]
-        section = (resnet_section(rows, args.size, elapsed) if args.suite == "resnet"
-                   else family_section(rows, args.size, elapsed))
-        write_section(Path(args.out), args.suite, section)  # partial results survive an interruption
+        write_page(args, names, done, elapsed)  # partial results survive an interruption
+    if args.render:
+        write_page(args, names, done, elapsed)
+
+
+def write_page(args: argparse.Namespace, names: list[str], done: dict[str, Any], elapsed: float) -> None:
+    rows = [done[n] for n in names if n in done]
+    section = (resnet_section(rows, args.size, elapsed) if args.suite == "resnet"
+               else family_section(rows, args.size, elapsed))
+    write_section(Path(args.out), args.suite, section)
 
 
 if __name__ == "__main__":
