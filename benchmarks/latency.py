@@ -342,6 +342,169 @@ def curve(rows: list[Row]) -> Curve:
                  ratio("half"), ratio("quarter"), ratio("uneven"), ratio("ideal-half"), ratio("ideal-uneven"))
 
 
+# --- routed models ------------------------------------------------------------------------------------------------
+#
+# A routed model (gateify.route) against the dense source and against its ideal: the cheapest path as a plain static
+# model on every sample, plus the deep path's blocks from the departure point on, as a plain static segment, on the
+# escalated samples only (their activations gathered beforehand, untimed). The routed model pays on top of that the
+# decision (a softmax), the gather and the scatter. Paths as in the issue that asked for this: path 0 keeps every
+# third block, path 1 two of every three; the threshold is calibrated on the timed batch for half the dense FLOPs
+# (batch 1: a sample that stays on path 0, and one that goes on).
+
+
+@dataclass(frozen=True)
+class RoutedSetting:
+    model: str
+    input: int
+    batch: int
+    runtime: str = "eager"  # eager | compiled (gateify.compile) | segments (compile_segments) | onnx (onnxruntime, CPU)
+    escalate: Optional[bool] = None  # batch 1: the sample stays on path 0 (False) or goes on (True)
+
+    @property
+    def label(self) -> str:
+        which = "" if self.escalate is None else (" escalated" if self.escalate else " stays")
+        return f"routed {self.model} {self.input}^2 b{self.batch}{which} {self.runtime}"
+
+
+def routed_grid(batches: tuple[int, ...] = (1, 16, 64, 256), models: tuple[str, ...] = ("resnet20", "resnet56",
+                "resnet50"), runtimes: tuple[str, ...] = ("eager", "compiled", "onnx")) -> tuple[RoutedSetting, ...]:
+    out = []
+    for m in models:
+        for b in batches:
+            for r in runtimes:
+                out += [RoutedSetting(m, SIZES[m], b, r, e) for e in ((False, True) if b == 1 else (None,))]
+    return tuple(out)
+
+
+@dataclass
+class RoutedRow:
+    model: str
+    input: int
+    batch: int
+    runtime: str
+    escalated: float  # fraction of the batch sent to path 1
+    dense_ms: float
+    routed_ms: float
+    ideal_ms: float
+    path0_ms: float
+    deep_ms: float  # path 1 alone on every sample
+    dense_macs: float  # per sample
+    executed_macs: float  # per sample: path 0 for all, path 1's segment for the escalated
+    escalated_macs: float  # per escalated sample: path 0 + path 1's segment
+    deep_macs: float  # path 1 alone, per sample
+    flops_saved: float
+    time_saved: float
+    ratio: Optional[float]  # time saved / FLOPs saved
+    ideal_ratio: Optional[float]
+    over_ideal: float  # routed_ms / ideal_ms
+
+
+class _Exported(nn.Module):
+    """A segment of a routed model as a module of its own (for torch.compile and ONNX export of the ideal)."""
+
+    def __init__(self, routed: nn.Module, segment: Callable) -> None:
+        super().__init__()
+        self.routed, self.segment = routed, segment
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.segment(self.routed, h)[0]
+
+
+def _onnx_session(module: nn.Module, example: torch.Tensor, threads: int, path: Path) -> Callable[[torch.Tensor], object]:
+    import onnxruntime
+
+    dim = torch.export.Dim("batch", min=1, max=1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, (example,), dynamic_shapes=({0: dim},), dynamo=True, verbose=False)
+    program.save(str(path))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda t: session.run(None, {name: t})
+
+
+def run_routed_setting(s: RoutedSetting, args: argparse.Namespace, device: torch.device) -> RoutedRow:
+    import tempfile
+
+    torch.manual_seed(0)
+    dense = timm.create_model(s.model, zero_init_last=False).eval()
+    gated = gateify.convert(copy.deepcopy(dense))
+    names = list(gateify.gates(gated))
+    paths = [{n: i % 3 == 0 for i, n in enumerate(names)}, {n: i % 3 != 2 for i, n in enumerate(names)}]
+    routed = gateify.route(gated, paths, inplace=True).eval().to(device)
+    dense = dense.to(device)
+    x = torch.randn(max(s.batch, 16), 3, s.input, s.input, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        if s.batch == 1:  # the sample the calibrated threshold keeps on path 0 (or sends on), alone
+            routed.calibrate(x, 0.5, max_error=1.0)
+            levels = routed.forward_routes(x).levels
+            x = x[int((levels == int(bool(s.escalate))).nonzero()[0])].unsqueeze(0)
+        else:
+            x = x[: s.batch]
+            routed.calibrate(x, 0.5, max_error=1.0)
+        levels = routed.forward_routes(x).levels
+    idx = levels.nonzero().view(-1)
+    plan = routed._plans[False]
+    path0, deep = routed.path(0).eval(), routed.path(1).eval()
+    with torch.no_grad():
+        outs = plan.segments[0](routed, x)
+        h = outs[1].index_select(0, idx).contiguous()  # what path 1's segment starts from, gathered beforehand
+    segment = _Exported(routed, plan.segments[1]).eval()
+    dense_flops, per_level = routed.segment_flops(x[:1].expand(2, *x.shape[1:]).contiguous())
+    deep_flops = gateify.flops(deep, x[:1]).executed_flops
+    share = idx.numel() / s.batch
+    executed = per_level[0] + share * per_level[1]
+
+    if s.runtime == "eager":
+        run = {"dense": dense, "routed": routed, "path0": path0, "deep": deep, "segment": segment}
+    elif s.runtime in ("compiled", "segments"):
+        torch._dynamo.reset()
+        # on a GPU, "segments" captures every segment as a CUDA graph (one per shape: buckets keep them few)
+        options = dict(mode="reduce-overhead", dynamic=False) if device.type == "cuda" else dict(dynamic=False)
+        fast = gateify.compile(routed) if s.runtime == "compiled" else copy.deepcopy(routed).compile_segments(**options)
+        run = {"dense": torch.compile(dense, **options), "routed": fast, "path0": torch.compile(path0, **options),
+               "deep": torch.compile(deep, **options), "segment": torch.compile(segment, **options)}
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="gateify-onnx-"))
+        run = {key: _onnx_session(m, x if key != "segment" else (h if idx.numel() else outs[1]), args.threads,
+                                  folder / f"{key}.onnx")
+               for key, m in (("dense", dense), ("routed", routed), ("path0", path0), ("deep", deep),
+                              ("segment", segment))}
+        x, h = x.cpu().numpy(), h.cpu().numpy()
+    fns = {"dense": lambda: run["dense"](x), "routed": lambda: run["routed"](x), "path0": lambda: run["path0"](x),
+           "deep": lambda: run["deep"](x)}
+    fns["ideal"] = (lambda: (run["path0"](x), run["segment"](h))) if idx.numel() else fns["path0"]
+    repeats = args.repeats * (4 if s.batch == 1 else 1)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        ms = {k: v.median for k, v in measure_latency_spread(fns, device, args.warmup + 2, repeats).items()}
+    _logger.info("%s: timed in %.0f s; %s", s.label, time.perf_counter() - start,
+                 ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
+    saved = 1 - executed / dense_flops
+    time_saved = 1 - ms["routed"] / ms["dense"]
+    ideal_saved = 1 - ms["ideal"] / ms["dense"]
+    return RoutedRow(s.model, s.input, s.batch, s.runtime, share, ms["dense"], ms["routed"], ms["ideal"],
+                     ms["path0"], ms["deep"], dense_flops / 2, executed / 2, (per_level[0] + per_level[1]) / 2,
+                     deep_flops / 2, saved, time_saved, time_saved / saved if saved > 0.01 else None,
+                     ideal_saved / saved if saved > 0.01 else None, ms["routed"] / ms["ideal"])
+
+
+def routed_table(rows: list[RoutedRow]) -> str:
+    lines = ["routed vs its ideal (path 0 plain on all + path 1's segment plain on the escalated); ratio = time saved "
+             "/ FLOPs saved vs dense",
+             f"{'model':<10}{'input':>6}{'batch':>6} {'runtime':<9}{'escal.':>7}{'dense ms':>10}{'routed ms':>11}"
+             f"{'ideal ms':>10}{'x ideal':>8}{'FLOPs saved':>12}{'ratio':>7}{'ideal':>7}{'esc. MMACs':>11}"
+             f"{'deep MMACs':>11}"]
+    for r in rows:
+        lines.append(f"{r.model:<10}{r.input:>6}{r.batch:>6} {r.runtime:<9}{100 * r.escalated:>6.0f}%"
+                     f"{r.dense_ms:>10.3f}{r.routed_ms:>11.3f}{r.ideal_ms:>10.3f}{r.over_ideal:>8.3f}"
+                     f"{100 * r.flops_saved:>11.1f}%{_f(r.ratio, '.2f'):>7}{_f(r.ideal_ratio, '.2f'):>7}"
+                     f"{r.escalated_macs / 1e6:>11.2f}{r.deep_macs / 1e6:>11.2f}")
+    return "\n".join(lines)
+
+
 # --- output -------------------------------------------------------------------------------------------------------
 
 def _f(v: Optional[float], spec: str) -> str:
@@ -457,13 +620,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats (x4 at batch 1); the median is kept")
-    parser.add_argument("--grid", choices=["default", "curves", "curves-eager"], default="default",
+    parser.add_argument("--grid", choices=["default", "curves", "curves-eager", "routed", "routed-quick"],
+                        default="default",
                         help="default: about 4 min on 2 CPU cores; curves: every model x batch 1..256, eager and "
-                             "compiled (hours on a CPU); curves-eager: the same, eager only")
+                             "compiled (hours on a CPU); curves-eager: the same, eager only; routed: routed models "
+                             "(ResNet-20/56/50, batch 1..256, eager, compiled, onnxruntime) against dense and their "
+                             "ideal; routed-quick: ResNet-20 and ResNet-50 at batch 1 and 16")
     parser.add_argument("--cases", nargs="*", default=None,
                         help="MODEL:SIZE:BATCH instead of the grid, e.g. resnet20:32:128 (eager fp32 NCHW unless "
                              "--compile / --amp / --channels-last)")
     parser.add_argument("--compile", action="store_true", help="with --cases: also compiled (gateify.compile)")
+    parser.add_argument("--routed", action="store_true",
+                        help="with --cases: routed models (eager, compiled, onnxruntime) instead of gates")
+    parser.add_argument("--runtimes", default="eager,compiled,onnx",
+                        help="routed models: which of eager, compiled (gateify.compile: one graph), segments (each "
+                             "segment compiled alone: CUDA graphs on a GPU), onnx (onnxruntime on the CPU) to time")
     parser.add_argument("--amp", action="store_true", help="with --cases: autocast (bfloat16 on CPU, float16 on CUDA)")
     parser.add_argument("--channels-last", action="store_true", help="with --cases: channels_last model and input")
     parser.add_argument("--masked", action="store_true", help="also time masking (every branch on the whole batch)")
@@ -486,7 +657,18 @@ def main() -> None:
     if device.type == "cuda" and not args.cases:  # a GPU runs every grid setting with AMP and channels_last too
         settings = [replace(s, precision=p, layout=l) for s in settings if s.precision == "fp32" and s.layout == "nchw"
                     for p in ("fp32", "amp") for l in ("nchw", "nhwc")]
+    routed_settings: list[RoutedSetting] = []
+    if args.grid in ("routed", "routed-quick") or args.routed:
+        runtimes = tuple(args.runtimes.split(","))
+        if args.cases:
+            routed_settings = [r for c in args.cases for r in routed_grid(
+                (int(c.split(":")[2]),), (c.split(":")[0],), runtimes) if r.input == int(c.split(":")[1])]
+        else:
+            routed_settings = list(routed_grid(runtimes=runtimes) if args.grid == "routed" else routed_grid(
+                (1, 16), ("resnet20", "resnet50"), runtimes))
+        settings = []
     start = time.perf_counter()
+    routed_rows = [run_routed_setting(r, args, device) for r in routed_settings]
     all_rows: list[Row] = []
     curves: list[Curve] = []
     for s in settings:
@@ -499,13 +681,16 @@ def main() -> None:
                  malloc=malloc, unit="MACs per image (1 MAC = 2 FLOPs)", uneven_target=UNEVEN_TARGET,
                  gate_overhead="included in executed MACs and in latency",
                  seconds=round(time.perf_counter() - start))
-    print(f"\n{setup}\n\n{rows_table(all_rows)}\n\n{curves_table(curves)}\n\n{trends(curves)}")
+    if routed_rows:
+        print(f"\n{setup}\n\n{routed_table(routed_rows)}")
+    else:
+        print(f"\n{setup}\n\n{rows_table(all_rows)}\n\n{curves_table(curves)}\n\n{trends(curves)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(setup=setup, rows=[asdict(r) for r in all_rows], curves=[asdict(c) for c in curves]), f,
-                      indent=1)
+            json.dump(dict(setup=setup, rows=[asdict(r) for r in all_rows], curves=[asdict(c) for c in curves],
+                           routed=[asdict(r) for r in routed_rows]), f, indent=1)
     plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
-    if plot_path and plot(curves, Path(plot_path)):
+    if plot_path and curves and plot(curves, Path(plot_path)):
         print(f"plot: {plot_path}")
 
 

@@ -9,6 +9,7 @@ gated.safetensors in --out.
     python examples/finetune_cifar.py --dataset digits --dense-epochs 30 --epochs 30 --out runs/digits  # offline
     python examples/finetune_cifar.py --baseline static ...             # the same budget, static depth pruning
     python examples/finetune_cifar.py --baseline dense ...              # the dense model trained as long
+    python examples/finetune_cifar.py --baseline dense --epochs 0 ...   # the dense phase alone
     torchrun --nproc_per_node 2 examples/finetune_cifar.py ...          # DistributedDataParallel
 """
 
@@ -31,11 +32,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import gateify
-from gateify.data import DATASETS, DataSplits, load_dataset
+from gateify.data import DATASETS, DEFAULT_FIT, FITS, DataSplits, load_dataset
 from gateify.models import input_shape
 from gateify.regularizer import PRESETS, RegularizerConfig, config_with
 from gateify.static import seed_gates
-from gateify.training import Checkpoint, EvalResult, TrainConfig, evaluate, fit
+from gateify.training import Checkpoint, TrainConfig, evaluate, fit
 from safetensors.torch import save_file
 
 _logger = logging.getLogger("finetune")
@@ -49,11 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", default="cifar10", choices=DATASETS,
                       help="cifar10 (python-batch layout in --data-dir), folder (ImageFolder train/ and val/ or "
                            "test/), animals-c (the offline benchmark: animal-mnist silhouettes, 80%% corrupted at "
-                           "random severities), animals (the same, clean), digits (scikit-learn's 8x8 digits)")
+                           "random severities), animals (the same, clean), digits-c (scikit-learn's digits at 28x28, "
+                           "corrupted the same way), digits (the same, clean)")
     data.add_argument("--data-dir", default="data", help="dataset root (default: ./data)")
     data.add_argument("--download", action="store_true", help="fetch CIFAR-10 if missing (needs network)")
     data.add_argument("--input-size", type=int, default=None,
                       help="image size fed to the model (default: 32 for cifar10/digits, else the model's own)")
+    data.add_argument("--fit", default=DEFAULT_FIT, choices=FITS,
+                      help="images smaller than the input: pad (their pixels inside a centred zero border, as "
+                           "MNIST-to-32 pipelines do) or stretch (upsampled, bilinear); larger ones are resized and "
+                           "centre-cropped either way (default: %(default)s, see gateify.data.fit_to_size)")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="resnet20", help="timm name, or torchvision:<name>")
@@ -64,15 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     train = p.add_argument_group("training")
     train.add_argument("--dense-epochs", type=int, default=160, help="dense training epochs when no --init is given")
     train.add_argument("--dense-lr", type=float, default=0.1)
-    train.add_argument("--epochs", type=int, default=60, help="fine-tuning epochs (gated, static or dense)")
+    train.add_argument("--epochs", type=int, default=60,
+                       help="fine-tuning epochs (gated, static, dense; 0 with --baseline dense: dense phase only)")
     train.add_argument("--lr", type=float, default=0.05, help="fine-tuning learning rate (controllers get x10)")
     train.add_argument("--batch-size", type=int, default=128, help="per process")
     train.add_argument("--weight-decay", type=float, default=5e-4)
     train.add_argument("--grad-clip", type=float, default=5.0, help="gradient norm clipping of fine-tuning (0: off)")
     train.add_argument("--distill", type=float, default=1.0, help="weight of distillation from the dense model")
-    train.add_argument("--method", default="routed", choices=("routed", "gated"),
+    train.add_argument("--method", default="routed", choices=("routed", "cascade", "gated"),
                        help="routed (default): every sample starts on a cheap static path of the model and the unsure "
-                            "ones continue on a deeper one (gateify.route); gated: CosineGate controllers per block "
+                            "ones continue on a deeper one (gateify.route); cascade: the same paths as separately "
+                            "fine-tuned static models, the cheap one distilled from the deep one (gateify.cascade; "
+                            "two weight sets, trained one after the other); gated: CosineGate controllers per block "
                             "(gateify.GateRegularizer)")
     train.add_argument("--preset", default="balanced", choices=sorted(PRESETS),
                        help="operating point: gateify.ROUTE_PRESETS (routed) or gateify.PRESETS (gated)")
@@ -85,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="routed: more executed FLOPs fractions to calibrate to and report, from the same model")
     train.add_argument("--self-distill", type=float, default=None,
                        help="routed: distillation of the cheaper paths from the deepest (default: the preset's)")
+    train.add_argument("--path-norms", action="store_true",
+                       help="routed: every deeper path keeps its own BatchNorm statistics after it departs "
+                            "(gateify.route(path_norms=True))")
+    train.add_argument("--survivors", type=float, default=None, metavar="F",
+                       help="routed: a deeper path learns from the fraction F of each batch the cheaper path is "
+                            "least sure of (gateify.RouteLoss(survivors=F)); default: from every sample")
+    train.add_argument("--self-teacher", default=None, metavar="FILE",
+                       help="static: also distil from this saved model (a cascade's deeper model), with weight "
+                            "--self-distill (default 1): what a routed model's cheap path gets from its deep path")
     train.add_argument("--reg", action="append", default=[], metavar="KEY=VALUE",
                        help="gated: override a regulariser field of the preset, e.g. --reg granularity=block")
     train.add_argument("--baseline", default="none", choices=("none", *BASELINES),
@@ -217,7 +235,7 @@ def target_of(args: argparse.Namespace) -> float:
     """The executed FLOPs fraction this run aims at (the static baseline's budget too)."""
     if args.target is not None:
         return args.target
-    return (gateify.ROUTE_PRESETS if args.method == "routed" else PRESETS)[args.preset].target
+    return (gateify.ROUTE_PRESETS if args.method in ("routed", "cascade") else PRESETS)[args.preset].target
 
 
 def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoader, test: DataLoader,
@@ -227,8 +245,35 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
     facts. Every choice made on data (paths, static blocks, thresholds) uses the validation split."""
     teacher = copy.deepcopy(dense).eval() if args.distill > 0 else None
     facts: dict[str, Any] = {}
-    regularizer = routing = None
+    regularizer = self_teacher = None
+    self_distill = 0.0
     costs: Optional[gateify.CostModel] = None
+
+    def tune(model: torch.nn.Module, self_teacher: Optional[torch.nn.Module], name: str) -> float:
+        """Fine-tune ``model`` for ``args.epochs`` (the same recipe for every kind); returns the seconds it took."""
+        model.train()
+        # static mode leaves removed branches unused; a CIR gate never calls a controller
+        unused = kind in ("static", "routed", "cascade") or (kind == "gated" and args.gate == "cir")
+        wrapped = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
+        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, amp=args.amp,
+                          seed=args.seed + 1, distill_weight=args.distill, grad_clip=args.grad_clip,
+                          self_distill=self_distill, survivors=args.survivors)
+
+        def after(epoch: int, stats: dict[str, float]) -> dict[str, float]:
+            if not logged_epoch(epoch, cfg.epochs, args):
+                return {}
+            result = evaluate(model, test, device, channels_last=channels_last(args))
+            # FLOPs saved implied by the decisions (per-epoch logging; the final figure is counted by gateify.flops)
+            saved = 1 - costs.fraction(result.keep_rate(), gates_run=kind == "gated") if costs else 0.0
+            log.append({"phase": name, **stats, "test_acc": result.accuracy, "flops_saved": saved})
+            write_log(log, args.out)
+            return {"test_acc": result.accuracy, "flops_saved": saved}
+
+        start = time.perf_counter()
+        fit(wrapped, train, cfg, device, regularizer=regularizer, teacher=teacher, self_teacher=self_teacher,
+            checkpoint=Checkpoint(os.path.join(args.out, f"checkpoint_{name}.safetensors")), resume=args.resume,
+            on_epoch_end=None if kind == "routed" else after, channels_last=channels_last(args), progress_desc=name)
+        return time.perf_counter() - start
     if kind == "dense_continued":
         model = copy.deepcopy(dense)
     else:
@@ -245,45 +290,43 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
                 start = gateify.select_blocks(model, val, preset.target, criterion=args.static_criterion)
                 seed_gates(model, start)
                 facts["gate_init_blocks"] = start
-        elif kind == "routed":
+        elif kind in ("routed", "cascade"):
             plan = route_preset(args)
             paths = gateify.select_paths(model, val, plan.paths)
-            gateify.route(model, paths)
-            routing = gateify.RouteLoss(model, distill_weight=args.distill, self_distill=plan.self_distill)
-            facts["route"] = {**plan.to_dict(), "paths_blocks": paths,
-                              "paths_flops": [costs.static_fraction(p) for p in paths]}
+            self_distill = plan.self_distill
+            if kind == "cascade":  # the deepest model first: it teaches the cheaper ones, as in routing
+                members: list[torch.nn.Module] = []
+                for level in reversed(range(len(paths))):
+                    member = gateify.set_static(copy.deepcopy(model), paths[level])
+                    for gate in gateify.gates(member).values():  # static mode: the controllers stay unused
+                        gate.scorer.requires_grad_(False)
+                    facts.setdefault("member_seconds", []).insert(0, tune(
+                        member, self_teacher=members[0] if members else None, name=f"cascade{level}"))
+                    members.insert(0, member.eval())
+                model = gateify.cascade(members)
+            else:
+                model = gateify.route(model, paths, path_norms=args.path_norms, inplace=True)  # fit(): RouteLoss
+            per_level = model.segment_flops(next(iter(val))[0][:2].to(device))[1]
+            facts["route"] = {**plan.to_dict(), "paths_blocks": paths, "path_norms": args.path_norms,
+                              "survivors": args.survivors, "paths_flops": [costs.static_fraction(p) for p in paths]}
+            # what one training step costs per sample: every path, the common prefix once (forward MACs); a cascade
+            # trained its members one after the other, each an epoch count of its own path
+            facts["train_macs"] = sum(per_level) / 2
         else:  # static: the blocks to remove for the same FLOPs target
             keep = gateify.select_blocks(model, val, target_of(args), criterion=args.static_criterion, nearest=True)
             gateify.set_static(model, keep)
             facts["static_blocks"] = keep
+            facts["train_macs"] = costs.static_fraction(keep) * costs.dense_flops / 2
+            if args.self_teacher:
+                self_teacher = gateify.load(args.self_teacher).to(device).eval()
+                self_distill = 1.0 if args.self_distill is None else args.self_distill
+                facts["self_teacher"] = {"file": args.self_teacher, "weight": self_distill}
         if kind != "gated":  # controllers stay unused: they must not wait for gradients (DDP) or decay
             for gate in gateify.gates(model).values():
                 for p in gate.scorer.parameters():
                     p.requires_grad_(False)
-    model.train()
-    # static mode leaves removed branches unused; a CIR gate never calls a controller
-    unused = kind in ("static", "routed") or (kind == "gated" and args.gate == "cir")
-    wrapped = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
-    if routing is not None and world > 1:
-        routing.model = wrapped
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, amp=args.amp, seed=args.seed + 1,
-                      distill_weight=args.distill, grad_clip=args.grad_clip)
-
-    def after(epoch: int, stats: dict[str, float]) -> dict[str, float]:
-        if not logged_epoch(epoch, cfg.epochs, args):
-            return {}
-        result = evaluate(model, test, device, channels_last=channels_last(args))
-        # FLOPs saved implied by the decisions (per-epoch logging; the final figure is counted by gateify.flops)
-        saved = 1 - costs.fraction(result.keep_rate(), gates_run=kind == "gated") if costs else 0.0
-        log.append({"phase": kind, **stats, "test_acc": result.accuracy, "flops_saved": saved})
-        write_log(log, args.out)
-        return {"test_acc": result.accuracy, "flops_saved": saved}
-
-    start = time.perf_counter()
-    fit(wrapped, train, cfg, device, regularizer=regularizer, routing=routing, teacher=teacher,
-        checkpoint=Checkpoint(os.path.join(args.out, f"checkpoint_{kind}.safetensors")), resume=args.resume,
-        on_epoch_end=None if kind == "routed" else after, channels_last=channels_last(args), progress_desc=kind)
-    facts["finetune_seconds"] = time.perf_counter() - start
+    if kind != "cascade":  # a cascade's members were fine-tuned above, one after the other
+        facts["finetune_seconds"] = tune(model, self_teacher, kind)
     if kind == "gated" and args.calibrate:
         facts["calibrated_threshold"] = gateify.calibrate(model, [x.to(device) for x, _ in val], target_of(args))
     return model.eval(), facts
@@ -295,14 +338,14 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
 def route_points(model: torch.nn.Module, test: DataLoader, val: DataLoader, args: argparse.Namespace,
                  device: torch.device, dense_macs: float) -> list[dict[str, Any]]:
     """One routed model at several operating points: the threshold calibrated on validation images for each target
-    (then counted on the test set), and every path alone as the plain pruned model it is (``gateify.to_static``:
-    its own FLOPs, no second pass)."""
+    (then counted on the test set), and every path alone as the plain pruned model it is (``routed.path(k)``: its
+    own FLOPs, no second pass)."""
     cl = channels_last(args)
     val_images = [x.to(device) for x, _ in val]
     test_images = [x for x, _ in test]
-    paths = gateify.routing_paths(model)
-    costs = gateify.CostModel.from_report(gateify.flops(model, test_images[:1]))
-    low, high = costs.static_fraction(paths[0]), costs.static_fraction(paths[-1])
+    alone = [model.path(k).eval() for k in range(model.levels)]
+    fractions = [gateify.flops(m, test_images[0][:1]).executed_macs / dense_macs for m in alone]
+    low, high = fractions[0], fractions[-1]
     # a target outside the paths' own FLOPs cannot be met by a threshold: those are left out, not forced
     targets = [target_of(args)] + [t for t in floats(args.targets) if t != target_of(args) and low <= t <= high]
     points, thresholds = [], []
@@ -314,28 +357,16 @@ def route_points(model: torch.nn.Module, test: DataLoader, val: DataLoader, args
         points.append({"label": f"routed@{target:.2f}", "target": target, "threshold": threshold,
                        "test_acc": result.accuracy, "val_acc": evaluate(model, val, device, channels_last=cl).accuracy,
                        "flops_saved": 1 - counted.executed_macs / dense_macs, "executed_macs": counted.executed_macs,
-                       "level_shares": route_shares(model, result)})
-    for k, path in enumerate(paths):
-        alone = gateify.to_static(model, keep=path).eval()
-        executed = gateify.flops(alone, test_images[:1]).executed_macs
+                       "level_shares": result.level_shares(model.levels)})
+    for k, path in enumerate(alone):
+        executed = fractions[k] * dense_macs
         points.append({"label": f"path {k}", "target": None, "threshold": None,
-                       "test_acc": evaluate(alone, test, device, channels_last=cl).accuracy,
-                       "val_acc": evaluate(alone, val, device, channels_last=cl).accuracy,
+                       "test_acc": evaluate(path, test, device, channels_last=cl).accuracy,
+                       "val_acc": evaluate(path, val, device, channels_last=cl).accuracy,
                        "flops_saved": 1 - executed / dense_macs, "executed_macs": executed,
-                       "level_shares": [float(j == k) for j in range(len(paths))]})
-    gateify.set_mode(model, "route", threshold=thresholds[0])  # the saved model runs at the main target
+                       "level_shares": [float(j == k) for j in range(model.levels)]})
+    model.threshold.fill_(thresholds[0])  # the saved model runs at the main target
     return points
-
-
-def route_shares(model: torch.nn.Module, result: EvalResult) -> list[float]:
-    """Fraction of the test samples that ended on each path, from the per-block decisions of evaluate()."""
-    paths = gateify.routing_paths(model)
-    decisions = result.decisions.float()
-    shares = []
-    for k, path in enumerate(paths):
-        kept = torch.tensor([path[b] for b in result.blocks], dtype=torch.float32)
-        shares.append(float((decisions == kept).all(1).float().mean()))
-    return shares
 
 
 def report(kind: str, model: torch.nn.Module, dense: torch.nn.Module, data: DataSplits, test: DataLoader,
@@ -344,12 +375,13 @@ def report(kind: str, model: torch.nn.Module, dense: torch.nn.Module, data: Data
     cl = channels_last(args)
     test_images = [x for x, _ in test]
     dense_macs = gateify.flops(dense.eval(), test_images[:1]).dense_macs
-    points = route_points(model, test, val, args, device, dense_macs) if kind == "routed" else None
+    points = route_points(model, test, val, args, device, dense_macs) if kind in ("routed", "cascade") else None
     result = evaluate(model, test, device, channels_last=cl)
     counted = gateify.flops(model, test_images)
     metrics: dict[str, Any] = {
-        "kind": kind, "model": args.model, "dataset": args.dataset, "method": args.method if kind in ("gated",
-        "routed") else None, "preset": args.preset if kind != "dense_continued" else None,
+        "kind": kind, "model": args.model, "dataset": args.dataset, "dataset_version": data.version,
+        "input_size": data.input_size, "fit": data.fit, "method": args.method if kind in ("gated", "routed",
+        "cascade") else None, "preset": args.preset if kind != "dense_continued" else None,
         "target": target_of(args) if kind != "dense_continued" else None,
         "gate": args.gate if kind == "gated" else None, "epochs": args.epochs,
         "dense_epochs": 0 if args.init else args.dense_epochs, "test_acc": result.accuracy,
@@ -375,6 +407,8 @@ def report(kind: str, model: torch.nn.Module, dense: torch.nn.Module, data: Data
             metrics["static_twin_blocks"] = twin_keep
             metrics["static_twin_acc"] = evaluate(twin, test, device, channels_last=cl).accuracy
             metrics["static_twin_flops_saved"] = 1 - gateify.flops(twin, test_images[:1]).executed_macs / dense_macs
+    elif gateify.is_routed(model):  # the fine-tuned weights with every block: what the paths share
+        metrics["test_acc_dense"] = evaluate(model.network, test, device, channels_last=cl).accuracy
     else:
         metrics["test_acc_dense"] = result.accuracy
     metrics.update(facts)
@@ -460,7 +494,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = args.input_size or (32 if args.dataset in ("cifar10", "digits") else None)
     if size is None:
         size = input_shape(gateify.create_model(args.model))[-1]
-    data = load_dataset(args.dataset, args.data_dir, size, download=args.download)
+    data = load_dataset(args.dataset, args.data_dir, size, download=args.download, fit=args.fit)
     train, test, val = loaders(data, args, world)
     model = gateify.create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans).to(device)
     if channels_last(args):
@@ -489,7 +523,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary = (f"{kind}: test accuracy {100 * metrics['test_acc']:.2f}% (source {100 * source_acc:.2f}%), "
                    f"realised FLOPs saved {100 * metrics['flops_saved']:.1f}% of {metrics['dense_macs'] / 1e6:.1f}M "
                    f"MACs per image (counted on {metrics['test_samples']} test images, "
-                   f"{'second passes' if kind == 'routed' else 'gate overhead'} included)")
+                   f"{'second passes' if kind in ('routed', 'cascade') else 'gate overhead'} included)")
         if "static_twin_acc" in metrics:
             summary += (f"; static twin {100 * metrics['static_twin_acc']:.2f}% at "
                         f"{100 * metrics['static_twin_flops_saved']:.1f}% saved")

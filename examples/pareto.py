@@ -1,22 +1,30 @@
-"""Accuracy vs realised FLOPs saved, over seeds: routed (and gated) models against static depth pruning, the dense
-model continued as long, and a cascade of separately pruned models; the same data, epochs and teacher for all.
+"""Accuracy vs realised FLOPs saved, over seeds: routed (and gated) models against the strongest fair controls.
 
-For every seed: one dense model (trained once), then from that same start and for the same fine-tuning epochs,
-optimiser, teacher and data:
+For every seed: one dense model (trained once), then from that same start, with the same optimiser, teacher and
+data:
 
 * ``dense_continued``: the dense model trained --epochs more;
 * ``static``: static depth pruning at each of --static-saved (FLOPs saved), fine-tuned as long: the static curve;
-* ``routed``: one run per --route-presets, each calibrated on the validation split to its target and to
-  --route-targets (one trained model, several operating points);
+* ``routed``: one run per --route-presets entry, each calibrated on the validation split to its target and to
+  --route-targets (one trained model, several operating points); an entry may add options to the preset:
+  ``balanced:path_norms`` (gateify.route(path_norms=True)), ``balanced:survivors=0.5`` (RouteLoss(survivors=0.5));
 * ``gated``: one run per --gated-presets (CosineGate controllers; none by default);
 * ``cascade``: two of the static models in a row, the deeper one only for the samples the cheaper one is unsure of
   (threshold on its top softmax probability chosen on the validation split), paying for both, nothing shared.
 
-Every point is reported as mean and standard deviation over the seeds. A routed point is compared with the static
-curve interpolated at its own realised FLOPs, seed by seed (same dense model); a margin smaller than two standard
-deviations of those per-seed margins is a tie. Writes pareto.json, pareto.png (error bars) and one folder per run.
+and, with --fair (the default), the two controls a routed model must beat to claim anything:
 
-    python examples/pareto.py                         # offline default: animals-c, ResNet-20, 3 seeds (25 min, 2 cores)
+* ``static_fair``: static pruning at each --static-saved point of at least 50% saved, trained with as many FLOPs as
+  the first routed run (more epochs: a routed model trains every path on every sample);
+* ``cascade_sd``: a cascade whose cheap model was distilled from its deep one (fit's self_teacher), as a routed
+  model's cheap path is from its deep path: the pair is the static points nearest the first preset's paths.
+
+A routed point is compared with each control, seed by seed (same dense model): with the static curves interpolated at
+its own realised FLOPs, with the cascades calibrated to the same target. Per control: the paired margins' mean,
+standard deviation and the paired t-test's two-sided p-value; the verdict is against the strongest control at that
+budget (the one the routed point beats by least). Writes pareto.json, pareto.png (error bars) and one folder per run.
+
+    python examples/pareto.py                         # offline default: animals-c, ResNet-20, 5 seeds, fair controls
     python examples/pareto.py --quick --out /tmp/p    # a smoke run (CI): 1 seed, 1 epoch per phase
 """
 
@@ -36,6 +44,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import finetune_cifar  # noqa: E402  (the example this sweep repeats with different flags)
+from gateify.data import VERSIONS  # noqa: E402
 
 _logger = logging.getLogger("pareto")
 
@@ -47,18 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(out="runs/pareto", dataset="animals-c", dense_epochs=10, epochs=5, lr=0.05, workers=0,
                         eval_every=0)
     group = parser.add_argument_group("sweep")
-    group.add_argument("--seeds", type=int, default=3, help="independent repeats, each from its own dense model")
+    group.add_argument("--seeds", type=int, default=5, help="independent repeats, each from its own dense model")
     group.add_argument("--jobs", type=int, default=3,
                        help="seeds trained in parallel processes (threads are split; more processes than cores keeps "
                             "every core busy when the seeds do not divide evenly)")
     group.add_argument("--static-saved", default="0.35,0.56,0.67,0.79", metavar="F,F,...",
                        help="FLOPs saved of the static pruning points (the static curve)")
-    group.add_argument("--route-presets", default="balanced", metavar="NAME,...",
-                       help="routed runs, by gateify.ROUTE_PRESETS name")
+    group.add_argument("--route-presets", default="balanced", metavar="NAME[:OPTION[=V]],...",
+                       help="routed runs, by gateify.ROUTE_PRESETS name, each with optional options: path_norms, "
+                            "survivors=F, self_distill=W (e.g. balanced,balanced:path_norms)")
     group.add_argument("--route-targets", default="0.35,0.45", metavar="F,F,...",
                        help="more executed FLOPs fractions to calibrate every routed run to")
     group.add_argument("--gated-presets", default="", metavar="NAME,...",
                        help="CosineGate runs, by gateify.PRESETS name (none by default)")
+    group.add_argument("--fair", action=argparse.BooleanOptionalAction, default=True,
+                       help="the fair controls: static pruning trained with the routed model's training FLOPs, and a "
+                            "cascade whose cheap model is distilled from its deep one (default on)")
     group.add_argument("--quick", action="store_true",
                        help="smoke run: 1 seed, 1 dense and 1 fine-tuning epoch, 2 static points, 1 routed preset")
     return parser
@@ -101,18 +114,64 @@ def run_seed(args: argparse.Namespace, seed: int, threads: int) -> list[dict[str
     for saved in finetune_cifar.floats(args.static_saved):
         m = run_one(args, seed, f"static_{saved:.2f}", baseline="static", target=1 - saved, init=init)
         points.append(point(m, "static", f"static@{saved:.2f}", seed, logits=os.path.join(m["run"], "logits.safetensors")))
-    for preset in [p for p in args.route_presets.split(",") if p]:
-        m = run_one(args, seed, f"routed_{preset}", baseline="none", method="routed", preset=preset, init=init,
-                    targets=args.route_targets)
+    statics = {p["label"]: p for p in points if p["kind"] == "static"}
+    routed_runs = []
+    for spec in [p for p in args.route_presets.split(",") if p]:
+        preset, options = route_spec(spec)
+        m = run_one(args, seed, f"routed_{spec.replace(':', '_').replace('=', '')}", baseline="none", method="routed",
+                    preset=preset, init=init, targets=args.route_targets, **options)
+        routed_runs.append(m)
         for rp in m["routed_points"]:
-            label = f"routed {preset} " + (f"@{rp['target']:.2f}" if rp["target"] is not None else rp["label"])
+            label = f"routed {spec} " + (f"@{rp['target']:.2f}" if rp["target"] is not None else rp["label"])
             kind = "routed" if rp["target"] is not None else "routed_path"
             points.append(point(m, kind, label, seed, test_acc=rp["test_acc"], flops_saved=rp["flops_saved"],
                                 val_acc=rp["val_acc"], level_shares=rp["level_shares"], target=rp["target"]))
+    if args.fair and routed_runs:
+        points += fair_controls(args, seed, init, routed_runs[0], list(statics.values()))
     for preset in [p for p in args.gated_presets.split(",") if p]:
         m = run_one(args, seed, f"gated_{preset}", baseline="none", method="gated", preset=preset, init=init,
                     target=None)
         points.append(point(m, "gated", f"gated {preset}", seed))
+    return points
+
+
+def route_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"balanced:path_norms:survivors=0.5"`` -> ``("balanced", {"path_norms": True, "survivors": 0.5})``."""
+    name, *options = spec.split(":")
+    known = {"path_norms": bool, "survivors": float, "self_distill": float}
+    out: dict[str, Any] = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in known:
+            raise finetune_cifar.gateify.GateifyError(f"routed option '{key}' in '{spec}' is not one of {list(known)}.")
+        out[key] = True if known[key] is bool else known[key](value)
+    return name, out
+
+
+def fair_controls(args: argparse.Namespace, seed: int, init: str, routed: dict[str, Any],
+                  statics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The controls a routed run must beat (module doc): static pruning trained with the routed run's training FLOPs
+    at every static point of at least 50% saved, and the cheap model of a cascade distilled from its deep one."""
+    points = []
+    for s in statics:
+        saved = float(s["label"].split("@")[1])
+        epochs = round(args.epochs * routed["train_macs"] / s["executed_macs"])
+        if saved >= 0.5 and epochs > args.epochs:
+            m = run_one(args, seed, f"static_fair_{saved:.2f}", baseline="static", target=1 - saved, init=init,
+                        epochs=epochs)
+            points.append(point(m, "static_fair", f"static fair@{saved:.2f}", seed,
+                                logits=os.path.join(m["run"], "logits.safetensors")))
+    # the cascade pair nearest the routed run's paths: its cheap model learns from its deep one
+    fractions = routed["route"]["paths_flops"]
+    by_cost = sorted(statics, key=lambda p: p["executed_macs"])
+    cheap = min(by_cost, key=lambda p: abs(p["executed_macs"] / p["dense_macs"] - fractions[0]))
+    deep = min(by_cost, key=lambda p: abs(p["executed_macs"] / p["dense_macs"] - fractions[-1]))
+    if cheap is not deep:
+        saved = float(cheap["label"].split("@")[1])
+        m = run_one(args, seed, f"static_sd_{saved:.2f}", baseline="static", target=1 - saved, init=init,
+                    self_teacher=os.path.join(deep["run"], "static.safetensors"), self_distill=1.0)
+        points.append(point(m, "static_sd", f"static sd@{saved:.2f}", seed, deep=deep["label"],
+                            logits=os.path.join(m["run"], "logits.safetensors")))
     return points
 
 
@@ -127,9 +186,10 @@ def point(metrics: dict[str, Any], kind: str, label: str, seed: int, **override:
 # ------------------------------------------------------------------------------------------------- analysis
 
 
-def cascades(points: list[dict[str, Any]], targets: list[float]) -> list[dict[str, Any]]:
+def cascades(points: list[dict[str, Any]], targets: list[float], kind: str = "cascade") -> list[dict[str, Any]]:
     """Per seed, the best cascade of two static models (cheap first, deep for the unsure) at each executed-FLOPs
-    target: pairs and threshold chosen on the validation split, accuracy and FLOPs on the test set."""
+    target: pairs and threshold chosen on the validation split, accuracy and FLOPs on the test set. ``cascade``:
+    any two of the seed's static models; ``cascade_sd``: the distilled cheap model (``static_sd``) and its teacher."""
     import torch
     from safetensors.torch import load_file
 
@@ -137,27 +197,31 @@ def cascades(points: list[dict[str, Any]], targets: list[float]) -> list[dict[st
     for seed in sorted({p["seed"] for p in points}):
         statics = sorted((p for p in points if p["seed"] == seed and p["kind"] == "static"),
                          key=lambda p: -p["flops_saved"])
-        logits = {p["label"]: load_file(p["logits"]) for p in statics}
+        if kind == "cascade":
+            pairs = [(cheap, deep) for i, cheap in enumerate(statics) for deep in statics[i + 1:]]
+        else:
+            by_label = {p["label"]: p for p in statics}
+            pairs = [(p, by_label[p["deep"]]) for p in points if p["seed"] == seed and p["kind"] == "static_sd"]
+        logits = {p["label"]: load_file(p["logits"]) for pair in pairs for p in pair}
         dense_macs = statics[0]["dense_macs"] if statics else 1.0
         for target in targets:
             best = None
-            for i, cheap in enumerate(statics):
-                for deep in statics[i + 1:]:
-                    c, d = logits[cheap["label"]], logits[deep["label"]]
-                    cost_c, cost_d = cheap["executed_macs"], deep["executed_macs"]
-                    if cost_c > target * dense_macs:
-                        continue
-                    p_max = (target * dense_macs - cost_c) / cost_d  # the share that may go deeper
-                    conf_val = c["val_logits"].softmax(1).max(1).values
-                    tau = float(torch.quantile(conf_val, min(max(p_max, 0.0), 1.0))) if p_max > 0 else 0.0
-                    val_acc = _cascade_acc(c["val_logits"], d["val_logits"], c["val_labels"], tau)[0]
-                    if best is None or val_acc > best[0]:
-                        test_acc, share = _cascade_acc(c["test_logits"], d["test_logits"], c["test_labels"], tau)
-                        saved = 1 - (cost_c + share * cost_d) / dense_macs
-                        best = (val_acc, test_acc, saved, f"{cheap['label']} -> {deep['label']}")
+            for cheap, deep in pairs:
+                c, d = logits[cheap["label"]], logits[deep["label"]]
+                cost_c, cost_d = cheap["executed_macs"], deep["executed_macs"]
+                if cost_c > target * dense_macs:
+                    continue
+                p_max = (target * dense_macs - cost_c) / cost_d  # the share that may go deeper
+                conf_val = c["val_logits"].softmax(1).max(1).values
+                tau = float(torch.quantile(conf_val, min(max(p_max, 0.0), 1.0))) if p_max > 0 else 0.0
+                val_acc = _cascade_acc(c["val_logits"], d["val_logits"], c["val_labels"], tau)[0]
+                if best is None or val_acc > best[0]:
+                    test_acc, share = _cascade_acc(c["test_logits"], d["test_logits"], c["test_labels"], tau)
+                    saved = 1 - (cost_c + share * cost_d) / dense_macs
+                    best = (val_acc, test_acc, saved, f"{cheap['label']} -> {deep['label']}")
             if best is not None:
-                out.append({"kind": "cascade", "label": f"cascade@{target:.2f}", "seed": seed, "test_acc": best[1],
-                            "val_acc": best[0], "flops_saved": best[2], "pair": best[3],
+                out.append({"kind": kind, "label": f"{kind}@{target:.2f}", "seed": seed, "test_acc": best[1],
+                            "target": target, "val_acc": best[0], "flops_saved": best[2], "pair": best[3],
                             "epochs": statics[0]["epochs"]})
     return out
 
@@ -168,10 +232,14 @@ def _cascade_acc(cheap, deep, labels, tau: float) -> tuple[float, float]:
     return float((pred == labels).float().mean()), float(go.float().mean())
 
 
-def static_curve(points: list[dict[str, Any]], seed: int) -> list[tuple[float, float]]:
-    """(FLOPs saved, accuracy) of one seed's static points and its dense continued model, by FLOPs saved."""
-    pts = [p for p in points if p["seed"] == seed and p["kind"] in ("static", "dense_continued")]
-    return sorted((p["flops_saved"], p["test_acc"]) for p in pts)
+def static_curve(points: list[dict[str, Any]], seed: int, fair: bool = False) -> list[tuple[float, float]]:
+    """(FLOPs saved, accuracy) of one seed's static points and its dense continued model, by FLOPs saved; with
+    ``fair``, a static point trained with the routed run's FLOPs (``static_fair``) replaces its equal-epoch twin."""
+    pts = {p["label"].split("@")[-1]: p for p in points
+           if p["seed"] == seed and p["kind"] in ("static", "dense_continued")}
+    if fair:
+        pts.update({p["label"].split("@")[-1]: p for p in points if p["seed"] == seed and p["kind"] == "static_fair"})
+    return sorted((p["flops_saved"], p["test_acc"]) for p in pts.values())
 
 
 def interpolate(curve: list[tuple[float, float]], saved: float) -> Optional[float]:
@@ -204,25 +272,54 @@ def aggregate(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def paired(values: list[float]) -> dict[str, Any]:
+    """Mean, standard deviation and the two-sided p-value of a paired t-test (per-seed differences against 0)."""
+    from scipy import stats
+
+    out = _stats(values)
+    out["p"] = float(stats.ttest_1samp(values, 0.0).pvalue) if len(values) > 1 and out["std"] > 0 else None
+    return out
+
+
+#: the controls a routed point is compared with: the static curves at its realised FLOPs, the cascades at its target
+CONTROLS = ("static", "static_fair", "cascade", "cascade_sd")
+
+
+def control_accuracy(points: list[dict[str, Any]], p: dict[str, Any], control: str) -> Optional[float]:
+    """The control's accuracy for the routed (or gated, ...) point ``p``'s seed and budget; None where it has none."""
+    if control in ("static", "static_fair"):
+        return interpolate(static_curve(points, p["seed"], fair=control == "static_fair"), p["flops_saved"])
+    if p.get("target") is None:
+        return None
+    twin = next((q for q in points if q["kind"] == control and q["seed"] == p["seed"]
+                 and q.get("target") == p["target"]), None)
+    return twin["test_acc"] if twin is not None else None
+
+
 def margins(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For each routed (a threshold or one path alone), gated and cascade label: accuracy minus the static curve interpolated at the same realised
-    FLOPs, per seed (its own static curve), then mean and std over the seeds."""
+    """For each routed (a threshold or one path alone), gated and cascade label: accuracy minus each control's at the
+    same seed and budget (the static curves interpolated at the same realised FLOPs, the cascades at the same target),
+    per seed, then paired statistics; ``strongest`` is the control the point beats by least."""
     out = []
     labels = dict.fromkeys((p["kind"], p["label"]) for p in points
-                           if p["kind"] in ("routed", "routed_path", "gated", "cascade"))
+                           if p["kind"] in ("routed", "routed_path", "gated", "cascade", "cascade_sd"))
     for kind, label in labels:
-        per_seed, saved = [], []
-        for p in (q for q in points if q["label"] == label):
-            static = interpolate(static_curve(points, p["seed"]), p["flops_saved"])
-            if static is not None:
-                per_seed.append(p["test_acc"] - static)
-                saved.append(p["flops_saved"])
-        if not per_seed:
+        mine = [q for q in points if q["label"] == label]
+        entry: dict[str, Any] = {"kind": kind, "label": label,
+                                 "flops_saved": statistics.fmean(q["flops_saved"] for q in mine), "controls": {}}
+        for control in CONTROLS:
+            if control == kind:
+                continue
+            diffs = [(q["test_acc"] - a) for q in mine if (a := control_accuracy(points, q, control)) is not None]
+            if len(diffs) == len(mine):  # every seed has the control: a paired comparison
+                entry["controls"][control] = paired(diffs)
+        if not entry["controls"]:
             continue
-        m = _stats(per_seed)
-        out.append({"kind": kind, "label": label, "flops_saved": statistics.fmean(saved), "margin": m["mean"],
-                    "margin_std": m["std"], "margin_values": per_seed, "seeds": len(per_seed),
-                    "beyond_2std": len(per_seed) > 1 and abs(m["mean"]) > 2 * m["std"]})
+        strongest = min(entry["controls"], key=lambda c: entry["controls"][c]["mean"])
+        m = entry["controls"]["static"] if "static" in entry["controls"] else entry["controls"][strongest]
+        entry.update(margin=m["mean"], margin_std=m["std"], margin_values=m["values"], seeds=len(mine),
+                     beyond_2std=len(mine) > 1 and abs(m["mean"]) > 2 * m["std"], strongest=strongest)
+        out.append(entry)
     return out
 
 
@@ -233,8 +330,8 @@ def plot(entries: list[dict[str, Any]], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     style = {"dense": ("k", "*"), "dense_continued": ("grey", "P"), "static": ("tab:orange", "s"),
-             "routed": ("tab:blue", "o"), "routed_path": ("tab:cyan", "v"), "gated": ("tab:green", "^"),
-             "cascade": ("tab:purple", "D")}
+             "static_fair": ("tab:red", "s"), "routed": ("tab:blue", "o"), "routed_path": ("tab:cyan", "v"),
+             "gated": ("tab:green", "^"), "cascade": ("tab:purple", "D"), "cascade_sd": ("tab:pink", "D")}
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for kind, (color, marker) in style.items():
         pts = sorted((e for e in entries if e["kind"] == kind), key=lambda e: e["flops_saved"]["mean"])
@@ -244,7 +341,7 @@ def plot(entries: list[dict[str, Any]], path: str, title: str) -> None:
         ys = [100 * e["test_acc"]["mean"] for e in pts]
         ax.errorbar(xs, ys, xerr=[100 * e["flops_saved"]["std"] for e in pts],
                     yerr=[100 * e["test_acc"]["std"] for e in pts], fmt=marker, color=color, ms=6, capsize=3,
-                    label=kind, ls="-" if kind == "static" else "none")
+                    label=kind, ls="-" if kind in ("static", "static_fair") else "none")
     ax.set_xlabel("realised FLOPs saved (%, test set, routing and gate overhead included)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.set_title(title, fontsize=9)
@@ -261,11 +358,15 @@ def table(entries: list[dict[str, Any]], found: list[dict[str, Any]]) -> str:
         acc, saved = e["test_acc"], e["flops_saved"]
         lines.append(f"{e['kind']:<16}{e['label']:<28}{100 * acc['mean']:>14.2f} ± {100 * acc['std']:.2f}"
                      f"{100 * saved['mean']:>13.1f}%{e['epochs']:>8}")
-    lines.append("\nmargin over the static curve at equal realised FLOPs (per seed, then mean ± std):")
+    lines.append("\nmargins, per seed then mean ± std (points) and paired t-test p, against each control at the same "
+                 "budget; * = the strongest control there:")
     for m in sorted(found, key=lambda m: m["flops_saved"]):
-        verdict = "beyond 2 std" if m["beyond_2std"] else "tie (within 2 std)"
-        lines.append(f"  {m['label']:<28} at {100 * m['flops_saved']:5.1f}% saved: {100 * m['margin']:+.2f} ± "
-                     f"{100 * m['margin_std']:.2f} points ({verdict})")
+        parts = []
+        for control, c in m["controls"].items():
+            p = f", p={c['p']:.3f}" if c["p"] is not None else ""
+            star = "*" if control == m["strongest"] else ""
+            parts.append(f"{control}{star} {100 * c['mean']:+.2f} ± {100 * c['std']:.2f}{p}")
+        lines.append(f"  {m['label']:<30} at {100 * m['flops_saved']:5.1f}% saved: " + "; ".join(parts))
     return "\n".join(lines)
 
 
@@ -290,12 +391,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     points = [p for seed_points in results for p in seed_points]
-    # the cascade at each executed-FLOPs target a routed model was calibrated to (on validation data, as they are)
-    points += cascades(points, sorted({p["target"] for p in points if p["kind"] == "routed"}))
+    # the cascades at each executed-FLOPs target a routed model was calibrated to (on validation data, as they are)
+    targets = sorted({p["target"] for p in points if p["kind"] == "routed"})
+    points += cascades(points, targets) + cascades(points, targets, kind="cascade_sd")
     entries = aggregate(points)
     found = margins(points)
     result = {"points": entries, "margins": found, "runs": points, "command": " ".join(sys.argv),
-              "model": args.model, "dataset": args.dataset, "epochs": args.epochs, "dense_epochs": args.dense_epochs,
+              "model": args.model, "dataset": args.dataset, "dataset_version": VERSIONS[args.dataset],
+              "fit": args.fit, "epochs": args.epochs, "dense_epochs": args.dense_epochs,
               "seeds": seeds, "minutes": (time.perf_counter() - start) / 60}
     with open(os.path.join(args.out, "pareto.json"), "w") as f:
         json.dump(result, f, indent=2)

@@ -48,6 +48,8 @@ _EXPORTS = {
     "CostModel": "accounting",
     # routing among nested static paths
     "route": "routing",
+    "cascade": "routing",
+    "RoutedModel": "routing",
     "select_paths": "routing",
     "routing_paths": "routing",
     "is_routed": "routing",
@@ -94,8 +96,8 @@ _EXPORTS = {
 }
 
 _SUBMODULES = ("accounting", "cifar_resnet", "cli", "compiling", "conversion", "data", "errors", "gate", "io",
-               "matching", "models", "modes", "regularizer", "rewrite", "routing", "static", "timing", "tracing",
-               "training")
+               "matching", "models", "modes", "regularizer", "rewrite", "routing", "segments", "static", "timing",
+               "tracing", "training")
 
 __all__ = [*_EXPORTS, "__version__"]
 
@@ -127,8 +129,8 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .compiling import compile
     from .modes import evaluating, gate_mode, gates, keep_rates, record_decisions, set_mode, unwrap
     from .regularizer import PRESETS, GateRegularizer, LossTerms, RegularizerConfig, distill_loss
-    from .routing import (ROUTE_PRESETS, RouteLoss, RoutePreset, is_routed, level_shares, route, routing_paths,
-                          select_paths)
+    from .routing import (ROUTE_PRESETS, RouteLoss, RoutedModel, RoutePreset, cascade, is_routed, level_shares,
+                          route, routing_paths, select_paths)
     from .static import seed_gates, select_blocks, set_static, static_flops_fraction, static_twin
     from .training import Checkpoint, EvalResult, TrainConfig, evaluate, fit, make_optimizer
 

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import GateConfigError, GateifyError, GateifyWarning, InputShapeError
 from .modes import (Batches, as_batches, gate_mode, gates, evaluating, keep_rates, model_device,
-                    record_decisions, require_gates)
+                    record_decisions, require_gates, unwrap)
 
 __all__ = ["BlockFlops", "FlopsReport", "CostModel", "flops", "calibrate"]
 
@@ -50,7 +50,8 @@ class FlopsReport:
         executed_flops: what ran in the model's current mode, controllers included.
         gate_flops: the controllers' share of ``executed_flops`` (gate overhead).
         samples: how many samples were counted; input_shape: one sample's shape.
-        blocks: per gated block, in execution order.
+        blocks: per gated block, in execution order (empty for a routed model, which has no gates).
+        level_shares: for a routed model, the fraction of the samples that ended on each path, cheapest first.
     """
 
     dense_flops: float
@@ -59,6 +60,7 @@ class FlopsReport:
     samples: int
     input_shape: tuple[int, ...]
     blocks: list[BlockFlops] = field(default_factory=list)
+    level_shares: Optional[list[float]] = None
 
     @property
     def dense_macs(self) -> float:
@@ -102,6 +104,8 @@ class FlopsReport:
         lines.append(f"executed {self.executed_macs / m:10.3f} MMACs = {self.executed_flops / m:10.3f} MFLOPs "
                      f"(gates {self.gate_macs / 1e3:.1f} kMACs)")
         lines.append(f"saved    {100 * self.saved:.1f}% of dense")
+        if self.level_shares is not None:
+            lines.append("ended on path " + ", ".join(f"{k}: {100 * s:.1f}%" for k, s in enumerate(self.level_shares)))
         return "\n".join(lines)
 
 
@@ -197,6 +201,7 @@ class _Counter:
         self.kept = {name: 0.0 for name in self.gates}
         self.samples = 0
         self.shape: tuple[int, ...] = ()
+        self.levels = torch.zeros(getattr(model, "levels", 0), dtype=torch.float64)  # samples per path, routed
 
     def _attribute(self, module: nn.Module, bucket: dict[str, int], name: str) -> list:
         start: list[int] = []
@@ -208,6 +213,7 @@ class _Counter:
         return [pre, module.register_forward_hook(post)]
 
     def run(self, batches: Iterable[torch.Tensor]) -> "_Counter":
+        routes = getattr(self.model, "forward_routes", None)  # a routed model: count its paths too
         handles = []
         for name, gate in self.gates.items():  # branch = whole gate call minus its scorer
             handles += self._attribute(gate, self.branch, name)
@@ -216,7 +222,11 @@ class _Counter:
         try:
             with torch.no_grad(), _no_parameter_grads(self.model), self.mode, record_decisions(self.model):
                 for x in batches:
-                    self.model(x.to(device))
+                    if routes is not None:
+                        levels = routes(x.to(device)).levels.cpu()
+                        self.levels += torch.bincount(levels, minlength=self.levels.numel()).double()
+                    else:
+                        self.model(x.to(device))
                     self.samples += x.shape[0]
                     self.shape = tuple(x.shape[1:])
                     for name, gate in self.gates.items():
@@ -241,7 +251,9 @@ def flops(model: nn.Module, inputs: Batches, *, max_batches: Optional[int] = Non
     ``"auto"`` or ``"gumbel"`` mode counted in ``"hard"`` mode (``"hard"``, ``"dense"``, ``"static"`` as they are).
 
     Args:
-        model: a converted model (or any model: then executed = dense and ``blocks`` is empty).
+        model: a converted model, a routed model (:func:`gateify.route`: dense is its network, executed every
+            segment each sample ran, ``level_shares`` where they ended), or any model (then executed = dense and
+            ``blocks`` is empty).
         inputs: a batch ``(B, C, H, W)``, or an iterable of batches or ``(batch, target)`` pairs (a DataLoader).
         max_batches: count at most this many batches of an iterable.
 
@@ -251,9 +263,11 @@ def flops(model: nn.Module, inputs: Batches, *, max_batches: Optional[int] = Non
         would run in ``eval()``; train flags, gate modes and buffers are left as they were.
     """
     batches = list(as_batches(inputs, max_batches))
+    model = unwrap(model)
+    routed = getattr(model, "gateify_routed", False)
     with evaluating(model):
         with gate_mode(model, "dense"):
-            dense = _Counter(model).run(batches[:1])
+            dense = _Counter(model.network if routed else model).run(batches[:1])
         executed = _Counter(model).run(batches)
     n = executed.samples
     blocks = [
@@ -268,6 +282,7 @@ def flops(model: nn.Module, inputs: Batches, *, max_batches: Optional[int] = Non
         samples=n,
         input_shape=executed.shape,
         blocks=blocks,
+        level_shares=(executed.levels / n).tolist() if routed else None,
     )
 
 
@@ -278,8 +293,8 @@ def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_bat
     No retraining: a bisection on the threshold (executed FLOPs fall as it rises), each step a hard-mode pass over
     the data, with executed FLOPs predicted by the :class:`CostModel` of one :func:`flops` count. Gate overhead
     counts toward the target. The threshold is written into every gate's ``threshold``, so :func:`gateify.save`
-    keeps it. A routed model (:func:`gateify.route`) stays in mode ``"route"``: there the threshold is how unsure
-    (``1 - max softmax``) a cheaper path must be for a sample to go deeper.
+    keeps it. For a routed model (:func:`gateify.route`) the threshold is how unsure (``1 - max softmax``) a cheaper
+    path must be for a sample to go deeper, set exactly by :meth:`gateify.RoutedModel.calibrate`.
 
     Args:
         target: executed FLOPs as a fraction of dense, e.g. 0.7 for 30% saved.
@@ -296,9 +311,10 @@ def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_bat
         GateConfigError: CIR gates (they run every branch before deciding: no threshold saves FLOPs).
         GateifyError: a target outside what the data allows (every block skipped .. every block kept).
     """
+    if getattr(unwrap(model), "gateify_routed", False):
+        return unwrap(model).calibrate(inputs, target, max_batches=max_batches, max_error=max_error)
     found = require_gates(model, "calibrate")
-    routed = all(g.mode == "route" for g in found.values())  # a routed model's threshold sends samples deeper
-    cir = [name for name, g in found.items() if not g.scorer.decides_from_input and not routed]
+    cir = [name for name, g in found.items() if not g.scorer.decides_from_input]
     if cir:
         raise GateConfigError(f"calibrate cannot meet a FLOPs target with CIR gates ({cir[:3]}...): a CIR gate needs "
                               f"F(x) to decide, so every branch runs whatever the threshold. Convert with "
@@ -307,16 +323,12 @@ def calibrate(model: nn.Module, inputs: Batches, target: float = 0.7, *, max_bat
     before = {name: g.threshold.clone() for name, g in found.items()}
     done = False
     try:
-        with gate_mode(model, None if routed else "hard"):
+        with gate_mode(model, "hard"):
             costs = CostModel.from_report(flops(model, batches))
 
             def fraction(threshold: float) -> float:
                 for g in found.values():
                     g.threshold.fill_(threshold)
-                if routed:  # a sample sent deeper runs some branches twice: count what ran, not the decisions
-                    with evaluating(model):
-                        counted = _Counter(model).run(batches)
-                    return counted.total / counted.samples / costs.dense_flops
                 return costs.fraction(keep_rates(model, batches))
 
             low, high = fraction(0.0), fraction(1.0 + 1e-6)

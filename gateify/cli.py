@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="show a gated file's architecture, gates and FLOPs",
         description="Print the architecture and gate configuration recorded in a gated file, each gate's mode and "
                     "the threshold in force (calibrated or set after conversion), and dense vs executed MACs/FLOPs "
-                    "per image (1 MAC = 2 FLOPs). Executed FLOPs depend on the data: they are counted here on random "
+                    "per image (1 MAC = 2 FLOPs); for a routed file (gateify.route), its paths, their FLOPs and the "
+                    "routing threshold. Executed FLOPs depend on the data: they are counted here on random "
                     "N(0, 1) inputs, not on your images.")
     i.add_argument("file", metavar="FILE", help="a file written by 'gateify convert' or gateify.save")
     i.add_argument("--input-size", type=_positive, metavar="H",
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = commands.add_parser(
         "bench", help="time the dense model against the hard-gated model",
         description="Median latency of the dense model (gateify.to_dense) and of the gated model with every gate "
-                    "in hard mode (real skipping), on the same random inputs. Random inputs give the decisions of "
+                    "in hard mode (real skipping), or of a routed model as saved and its cheapest path alone, on the "
+                    "same random inputs. Random inputs give the decisions of "
                     "random data: the speed-up on your images follows their executed-FLOPs fraction, which "
                     "'gateify info' and gateify.flops(model, your_batches) report.")
     b.add_argument("file", metavar="FILE", help="a file written by 'gateify convert' or gateify.save")
@@ -223,16 +225,20 @@ def _info(args: argparse.Namespace) -> int:
     from .io import FORMAT_KEY
     from .models import architecture_of
     from .modes import gates
+    from .routing import is_routed
 
     start = time.perf_counter()
     model, metadata = _load_gated_file(args.file)
     seconds = time.perf_counter() - start
-    arch = architecture_of(model)
+    routed = is_routed(model)
+    arch = architecture_of(model.network if routed else model)
     found = gates(model)
     print(f"file          {args.file} ({os.path.getsize(args.file):,} bytes, gateify file format "
           f"{metadata.get(FORMAT_KEY, '?')}, written by gateify {metadata.get('gateify_version', '?')}; "
           f"loaded, rebuilt and converted in {1e3 * seconds:.0f} ms)")
     print(f"architecture  {json.dumps(arch) if arch else 'not recorded'}")
+    if routed:
+        return _info_routed(model, args)
     if not found:
         print("gates         none: a plain (unconverted) model")
         return 0
@@ -267,6 +273,33 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info_routed(model: "nn.Module", args: argparse.Namespace) -> int:
+    """``gateify info`` for a routed model: its paths, the threshold in routing's words, FLOPs on random inputs."""
+    import torch
+
+    from .accounting import flops
+
+    x = _random_batch(model, args.samples, args.input_size, torch.device("cpu"))
+    report = flops(model, x)
+    dense, costs = model.segment_flops(x[:2])
+    print(f"routing       {model.levels} nested static paths, cheapest first; every sample runs path 0, and goes "
+          f"on to\n              path k from where it departs when path k-1's 1 - max softmax >= threshold[k-1]")
+    print(f"threshold     {', '.join(f'{t:.4g}' for t in model.threshold.tolist())}")
+    print(f"\n{'path':<6}{'blocks kept':>12}{'alone MMACs':>14}{'segment MMACs':>15}{'ended here*':>13}  removed")
+    for k, path in enumerate(model.paths):
+        alone = flops(model.path(k), x[:1]).dense_flops
+        removed = [name for name, keep in path.items() if not keep]
+        print(f"{k:<6}{sum(path.values()):>12}{alone / 2e6:>14.3f}{costs[k] / 2e6:>15.3f}"
+              f"{100 * report.level_shares[k]:>12.1f}%  {', '.join(removed) or '-'}")
+    print(f"\nper image at {'x'.join(map(str, x.shape[1:]))} (1 MAC = 2 FLOPs):")
+    print(f"  dense     {report.dense_macs / 1e6:12.3f} MMACs = {report.dense_flops / 1e6:12.3f} MFLOPs")
+    print(f"  executed* {report.executed_macs / 1e6:12.3f} MMACs = {report.executed_flops / 1e6:12.3f} MFLOPs "
+          f"({100 * report.executed_fraction:.1f}% of dense; a sample going on pays path 0 and the deeper segment)")
+    print(f"* executed FLOPs and path shares depend on the data: these are for {args.samples} random N(0, 1) images.\n"
+          f"  Count yours with gateify.flops(model, batches); gateify.calibrate(model, val_batches, target) moves it.")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import copy
 
@@ -275,6 +308,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .accounting import flops
     from .conversion import to_dense
     from .modes import gates, set_mode
+    from .routing import is_routed
     from .timing import measure_latency
 
     device = torch.device(args.device)
@@ -283,18 +317,34 @@ def _bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = _load_gated_file(args.file)
-    if not gates(model):
+    routed = is_routed(model)
+    if not routed and not gates(model):
         raise UsageError(f"'{args.file}' holds a plain model: there is no gated model to compare with; "
                          f"write one with 'gateify convert'.")
-    gated = set_mode(copy.deepcopy(model), "hard").to(device)
-    dense = to_dense(model).eval().to(device)
+    if routed:  # routed models route in eval(), as saved: their threshold decides
+        gated = model.to(device)
+        dense = model.network
+    else:
+        gated = set_mode(copy.deepcopy(model), "hard").to(device)
+        dense = to_dense(model).eval().to(device)
     x = _random_batch(model, args.batch_size, args.input_size, device)
     report = flops(gated, x)
+    fns = {"dense": lambda: dense(x), "gated": lambda: gated(x)}
+    if routed:
+        cheapest = model.path(0).eval().to(device)
+        fns["path 0"] = lambda: cheapest(x)
     with torch.inference_mode():
-        ms = measure_latency({"dense": lambda: dense(x), "gated": lambda: gated(x)}, device, args.warmup, args.repeats)
+        ms = measure_latency(fns, device, args.warmup, args.repeats)
     threads = f", torch threads: {torch.get_num_threads()}" if device.type == "cpu" else ""
     print(f"{'x'.join(map(str, x.shape))} random inputs on {device}{threads}, median of {args.repeats} calls:")
     print(f"  dense model        {ms['dense']:9.2f} ms")
+    if routed:
+        shares = ", ".join(f"{100 * s:.0f}%" for s in report.level_shares)
+        print(f"  routed             {ms['gated']:9.2f} ms  ({ms['gated'] / ms['dense']:.2f}x dense time; executed "
+              f"FLOPs {100 * report.executed_fraction:.1f}% of dense; samples ending on each path: {shares})")
+        print(f"  path 0 alone       {ms['path 0']:9.2f} ms  (every sample on the cheapest path, no second pass)")
+        print("  routes are those of random data; on your images the paths taken (and speed-up) differ.")
+        return 0
     print(f"  gated, hard mode   {ms['gated']:9.2f} ms  ({ms['gated'] / ms['dense']:.2f}x dense time; executed "
           f"FLOPs {100 * report.executed_fraction:.1f}% of dense, gates included)")
     print("  decisions are those of random data; on your images the executed fraction (and speed-up) differ.")

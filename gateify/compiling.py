@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modes import require_gates
+from .modes import require_gates, unwrap
 
 __all__ = ["compile"]
 
@@ -58,7 +58,8 @@ def compile(model: nn.Module, **kwargs: Any) -> nn.Module:  # noqa: A001 (gateif
         The compiled module (a ``torch._dynamo.OptimizedModule`` sharing ``model``'s parameters and buffers, so a
         new threshold or ``load_state_dict`` on ``model`` reaches it).
     """
-    require_gates(model, "gateify.compile")
+    if not getattr(unwrap(model), "gateify_routed", False):  # a routed model's escalation is a cond as well
+        require_gates(model, "gateify.compile")
     kwargs = dict(kwargs)
     if kwargs.get("backend", "inductor") == "inductor":
         mode = kwargs.pop("mode", None)

@@ -186,7 +186,24 @@ def _leaf_args(leaf_modules: Sequence[Union[type, str]]) -> tuple[list[type], se
     return types, names
 
 
+def _flattened_graphs(model: nn.Module) -> list[str]:
+    """Paths of ``torch.fx`` GraphModules in ``model`` that perform additions in their own code: a traced model whose
+    blocks were inlined into one graph (timm's ``FeatureGraphNet``, torchvision's ``create_feature_extractor``)."""
+    return [path for path, m in model.named_modules()
+            if isinstance(m, fx.GraphModule) and any(is_addition(n) for n in m.graph.nodes)]
+
+
 def _no_residual_message(model: nn.Module) -> str:
+    flattened = _flattened_graphs(model)
+    if flattened:
+        where = f"its submodule '{flattened[0]}'" if flattened[0] else "it"
+        return (f"found no residual block to gate in {type(model).__name__}: {where} is a torch.fx GraphModule into "
+                f"which tracing inlined the residual blocks (what timm's features_only=True with feature_cls='fx', "
+                f"i.e. FeatureGraphNet, and torchvision's create_feature_extractor build), so no block module is left "
+                f"to replace. Convert first, then extract features: gated = gateify.convert(timm.create_model(name)), "
+                f"then timm.models.FeatureGraphNet(gated, out_indices=...) or create_feature_extractor(gated, ...) "
+                f"(each gate stays one node and keeps skipping); or build the backbone with feature_cls='list', "
+                f"'hook' or 'getter', which gateify converts as it is.")
     return (f"found no residual addition to gate in {type(model).__name__}. gateify gates `x + F(x)` performed in a "
             f"block module's forward, where x is the block input (or its downsampled/normalised shortcut) and F "
             f"contains a convolution or linear layer. Models without skip connections (VGG, plain CNNs) have nothing "
@@ -402,9 +419,6 @@ def _replace_gated_blocks(model: nn.Module, keep: Callable[[str, ResidualGate], 
     plain = {block: inline_block(work.get_submodule(block), decisions) for block, decisions in blocks.items()}
     for block in _outer_first(plain):  # all built first: a failure above leaves the model as it was
         work.set_submodule(block, plain[block])
-    for hooks in (work._forward_pre_hooks, work._forward_hooks):  # gateify.route's passes need the gates
-        for key in [k for k, hook in hooks.items() if getattr(hook, "gateify_routing", False)]:
-            del hooks[key]
     return work
 
 

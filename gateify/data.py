@@ -1,18 +1,35 @@
-"""Image classification data for fine-tuning: CIFAR-10, any ImageFolder tree, and two offline datasets.
+"""Image classification data for fine-tuning: CIFAR-10, any ImageFolder tree, and four offline datasets.
 
 Every dataset comes as train / val / test: choices made on data (which blocks static pruning removes, routing
 thresholds) use ``val`` (held out from training), never ``test``.
+
+Every dataset reaches the model's input size through one function, :func:`fit_to_size`, with one policy
+(``fit``, recorded in ``DataSplits.fit`` and in every ``metrics.json`` the examples write):
+
+* ``"pad"`` (the default): an image no larger than the input on either side keeps its pixels and is centred on a
+  zero (black) canvas, as MNIST-to-32 pipelines do: a 28x28 image reaches a 32x32 input inside a 2-pixel border.
+* ``"stretch"``: it is resized (bilinear, aspect ratio kept) until its longer side fills the input.
+
+Larger images are resized (longer side to the input size, antialiased) and centre-cropped either way, the shorter
+side zero-padded. Why ``pad`` is the default: on held-out 28x28 data it beat stretching by 2.2 points (issue 24);
+a 3-seed A/B on animals-c and digits-c (``benchmarks/pad_vs_stretch.py``, docs/results.md) found a tie there
+(+0.40 ± 0.88 and -0.32 ± 2.87 points), and padding resamples nothing.
 
 * ``cifar10``: the standard python-batch layout (``DIR/cifar-10-batches-py/data_batch_1..5, test_batch``), as
   torchvision reads it. The batches are pickles; they are read with an unpickler that admits only the numpy array
   constructors those files use, so a tampered file cannot run code. ``download=True`` fetches and md5-checks the
   official archive (needs network).
 * ``folder``: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or ``DIR/test``), any image size, grayscale or
-  colour: ``in_chans`` follows the data, images are resized (longer side) and zero-padded to the input size.
-* ``digits``: scikit-learn's 8x8 handwritten digits (1,797 real images, 10 classes, shipped inside the
-  scikit-learn package), upsampled to the input size, split 75/25 stratified with a fixed seed. Easy: every model
-  of a ResNet-20's size reaches ~99.8%, so it cannot tell methods apart.
-* ``animals``: the 10,000 real 28x28 animal silhouettes (10 classes) shipped inside the ``animal-mnist`` wheel
+  colour: ``in_chans`` follows the data.
+* ``digits``: scikit-learn's 8x8 handwritten digits (1,797 real images with 16 grey levels, 10 classes, shipped
+  inside the scikit-learn package), upsampled once to 28x28 (bilinear) as the dataset's own resolution, split
+  67.5/7.5/25 stratified with a fixed seed. Easy: every model of a ResNet-20's size reaches ~99.8%, so it cannot
+  tell methods apart.
+* ``digits-c``: a second, small corrupted benchmark: the same 28x28 digits, corrupted by :func:`corrupt` like
+  animals-c (see ``DIGITS_C`` for its clean share and severities), split 50/10/40 stratified with a fixed seed:
+  898 train, 180 val, 719 test. A ResNet-20 reaches ~94% on it, but with so few training images depth matters
+  little once it is trained long enough (docs/results.md): use it for quick checks, not as a confirmation.
+* ``animals``: the real 28x28 animal silhouettes (10 classes) shipped inside the ``animal-mnist`` wheel
   (MIT; install it with ``pip install --no-deps animal-mnist==0.4``: its declared TensorFlow dependency is not
   needed, gateify reads the two data files only, with the same restricted unpickler).
 * ``animals-c``: the offline benchmark where depth matters. The same silhouettes, each corrupted once, the way
@@ -20,16 +37,27 @@ thresholds) use ``val`` (held out from training), never ``test``.
   occlusion, contrast loss or pixelation at a severity drawn from 1-5 (fixed seed, so the dataset is the same
   everywhere). Samples differ in difficulty, so a model that gives hard inputs more depth than easy ones can win.
 
-Splits of ``animals``/``animals-c``: 5,000 train, 1,000 val, 4,000 test (stratified, fixed; a large test set, so
-that one image is 0.025 points). Other datasets hold out
-10% of train as val (stratified, fixed), or use ``DIR/val`` of a folder tree that also has ``DIR/test``.
+The packaged sources are de-duplicated before they are split (:func:`unique_images`: pixel-identical images are
+kept once; identical images with different labels would all be dropped, none occur), so that no test image has a
+twin in the training split. animal-mnist 0.4's 10,000 images hold 284
+identical pairs (9,716 unique images); scikit-learn's digits hold none. Splits of ``animals``/``animals-c``:
+50% train, 10% val, 40% test of every class (stratified, fixed): 4,856 / 973 / 3,887 images. Other datasets hold
+out 10% of train as val (stratified, fixed), or use ``DIR/val`` of a folder tree that also has ``DIR/test``.
+
+Each packaged dataset has a version (:data:`VERSIONS`, ``DataSplits.version``): a new one whenever its images or
+its split change, so that numbers from different versions are never compared by mistake. ``animals/1`` and
+``animals-c/1`` were the versions before de-duplication (5,000 / 1,000 / 4,000 images; 155 identical pairs
+straddled two splits, and 107 test images, 2.7% of them and 17% of the test birds, had a twin in the training
+split); ``digits/1`` upsampled the 8x8 images straight to the input size.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.util
+import logging
 import math
 import os
 import pickle
@@ -40,13 +68,23 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from .cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 from .errors import DatasetError
 
-__all__ = ["DATASETS", "CORRUPTIONS", "DataSplits", "load_dataset", "read_cifar10", "read_animals", "corrupt"]
+__all__ = ["DATASETS", "VERSIONS", "FITS", "DEFAULT_FIT", "CORRUPTIONS", "DataSplits", "load_dataset", "fit_to_size",
+           "unique_images", "read_cifar10", "read_animals", "read_digits", "corrupt"]
 
-DATASETS = ("cifar10", "folder", "digits", "animals", "animals-c")
+_logger = logging.getLogger(__name__)
+
+DATASETS = ("cifar10", "folder", "digits", "digits-c", "animals", "animals-c")
+#: what each dataset's images and split are; a new version whenever either changes. A folder is the user's own data.
+VERSIONS: dict[str, Optional[str]] = {"cifar10": "cifar10/1", "folder": None, "digits": "digits/2",
+                                      "digits-c": "digits-c/1", "animals": "animals/2", "animals-c": "animals-c/2"}
+#: how an image smaller than the input reaches it (:func:`fit_to_size`)
+FITS = ("pad", "stretch")
+DEFAULT_FIT = "pad"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -65,6 +103,8 @@ class DataSplits:
     input_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    version: Optional[str] = None  # VERSIONS[name]: what the images and the split are
+    fit: str = DEFAULT_FIT  # how images smaller than input_size reached it (fit_to_size)
 
     @property
     def num_classes(self) -> int:
@@ -148,18 +188,65 @@ def _stratified_split(labels: torch.Tensor, fractions: Sequence[float], seed: in
     return [torch.cat(p).sort().values for p in parts]
 
 
+def fit_to_size(images: torch.Tensor, size: int, fit: str = DEFAULT_FIT) -> torch.Tensor:
+    """uint8 images ``(..., C, H, W)`` to ``(..., C, size, size)``, the one way every dataset reaches the input.
+
+    ``fit="pad"``: an image no larger than ``size`` on either side keeps its pixels, centred on a zero canvas (an odd
+    difference puts the extra row/column at the bottom/right): 28x28 in 32x32 gets a 2-pixel border.
+    ``fit="stretch"``: it is resized (bilinear, aspect ratio kept) until its longer side is ``size``.
+    A larger image is resized (longer side to ``size``, bilinear, antialiased) and centre-cropped with either policy,
+    its shorter side zero-padded: torchvision's ``Resize(None, max_size=size)`` then ``CenterCrop(size)``.
+    """
+    if fit not in FITS:
+        raise DatasetError(f"unknown fit {fit!r}; use one of {FITS} (pad: images smaller than the input keep their "
+                           f"pixels inside a zero border; stretch: they are upsampled).")
+    height, width = images.shape[-2:]
+    if fit == "stretch" or height > size or width > size:
+        images = TF.resize(images, size=None, max_size=size, antialias=True)
+    return TF.center_crop(images, [size, size])
+
+
+def _check_fit(height: int, width: int, size: int, fit: str, name: str) -> None:
+    """A padded image that fills less than half the input's side is almost all border: say how to stretch it."""
+    if fit == "pad" and 2 * max(height, width) <= size:
+        _logger.warning("%s: %dx%d images padded into a %dx%d input fill %.0f%% of it; fit='stretch' (--fit stretch) "
+                        "upsamples them instead", name, height, width, size, size, 100 * height * width / size ** 2)
+
+
+def unique_images(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Indices (sorted) of the images to keep so that no two are pixel-identical: the first of every group with the
+    same SHA-256 of its uint8 pixels ``(C, H, W)``. A group whose images carry different labels is dropped whole
+    (no label of it can be trusted). De-duplicate a source before splitting it, so no test image has a training twin."""
+    groups: dict[bytes, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(hashlib.sha256(image.contiguous().numpy().tobytes()).digest(), []).append(i)
+    keep, conflicting = [], 0
+    for members in groups.values():
+        if len(set(labels[members].tolist())) > 1:
+            conflicting += 1
+        else:
+            keep.append(members[0])
+    if len(keep) < len(images):
+        _logger.info("%d pixel-identical duplicates dropped (%d groups with conflicting labels dropped whole)",
+                     len(images) - len(keep), conflicting)
+    return torch.tensor(sorted(keep), dtype=torch.int64)
+
+
 def _tensor_splits(images: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, val: torch.Tensor,
-                   test: torch.Tensor, classes: Sequence[str], flip: bool,
+                   test: torch.Tensor, classes: Sequence[str], flip: bool, size: int, fit: str, version: str,
                    stats: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None) -> DataSplits:
-    """uint8 images ``(N, C, S, S)`` split by index; normalised with ``stats`` or the training images' own."""
+    """uint8 images ``(N, C, H, W)`` brought to ``size`` by :func:`fit_to_size` and split by index; normalised with
+    ``stats`` or the training images' own."""
+    _check_fit(images.shape[-2], images.shape[-1], size, fit, version)
+    images = fit_to_size(images, size, fit)
     mean, std = stats or _stats(images[train])
-    train_t, test_t = _transforms(mean, std, images.shape[-1], flip=flip)
+    train_t, test_t = _transforms(mean, std, size, flip=flip)
     part = lambda idx, t: TensorImages(images[idx], labels[idx], t)  # noqa: E731
     return DataSplits(part(train, train_t), part(val, test_t), part(test, test_t), part(train, test_t), classes,
-                      images.shape[1], images.shape[-1], mean, std)
+                      images.shape[1], size, mean, std, version=version, fit=fit)
 
 
-def _cifar10(root: Optional[str], size: int, download: bool) -> DataSplits:
+def _cifar10(root: Optional[str], size: int, download: bool, fit: str) -> DataSplits:
     root = root or "data"
     if download:
         from torchvision.datasets.utils import download_and_extract_archive
@@ -169,25 +256,10 @@ def _cifar10(root: Optional[str], size: int, download: bool) -> DataSplits:
     train_x, train_y = read_cifar10(root, train=True)
     test_x, test_y = read_cifar10(root, train=False)
     images, labels = torch.cat([train_x, test_x]), torch.cat([train_y, test_y])
-    if size != 32:
-        images = _resize(images, size)
     train, val = _stratified_split(train_y, (0.9, 0.1), seed=0)
     test = torch.arange(len(train_y), len(labels))
-    return _tensor_splits(images, labels, train, val, test, CIFAR10_CLASSES, flip=True,
-                          stats=(CIFAR10_MEAN, CIFAR10_STD))
-
-
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8)
-
-
-def _fit(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Small images to ``size``: zero-padded when they are at most 8 pixels smaller (no resampling), else resized."""
-    pad = size - images.shape[-1]
-    if 0 <= pad <= 8:
-        return F.pad(images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
-    return _resize(images, size)
+    return _tensor_splits(images, labels, train, val, test, CIFAR10_CLASSES, flip=True, size=size, fit=fit,
+                          version=VERSIONS["cifar10"], stats=(CIFAR10_MEAN, CIFAR10_STD))
 
 
 def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -195,17 +267,38 @@ def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).clamp_min(1e-3).tolist())
 
 
-def _digits(size: int) -> DataSplits:
+DIGITS_SIZE = 28  # the digits datasets' own resolution, that of animals-c
+
+
+def read_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits, de-duplicated (:func:`unique_images` on the 8x8 sources; they hold no duplicates) and
+    upsampled once to 28x28 (bilinear): uint8 images ``(N, 1, 28, 28)`` and int64 labels ``(N,)``."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
-        raise DatasetError("the digits dataset needs scikit-learn: pip install 'gateify[train]'.") from e
+        raise DatasetError("the digits datasets need scikit-learn: pip install 'gateify[train]'.") from e
     digits = load_digits()
     images = torch.from_numpy(digits.images).float().mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
     labels = torch.from_numpy(digits.target).long()
-    train, val, test = _stratified_split(labels, (0.675, 0.075, 0.25), seed=0)
+    keep = unique_images(images, labels)
+    return fit_to_size(images[keep], DIGITS_SIZE, "stretch"), labels[keep]
+
+
+#: digits-c's corruption: the animals-c pipeline (:func:`corrupt`), with this clean share and severity range
+DIGITS_C = {"clean": 0.2, "severity": (1, 5)}
+
+
+@functools.lru_cache(maxsize=4)  # a sweep loads it once per run: build it once per process
+def _digits(size: int, corrupted: bool, fit: str) -> DataSplits:
+    images, labels = read_digits()
+    if corrupted:
+        images = corrupt(images, seed=0, **DIGITS_C)[0]
+        train, val, test = _stratified_split(labels, (0.5, 0.1, 0.4), seed=0)
+    else:
+        train, val, test = _stratified_split(labels, (0.675, 0.075, 0.25), seed=0)
     # digits are not mirror-symmetric: no flip
-    return _tensor_splits(_resize(images, size), labels, train, val, test, [str(i) for i in range(10)], flip=False)
+    return _tensor_splits(images, labels, train, val, test, [str(i) for i in range(10)], flip=False, size=size,
+                          fit=fit, version=VERSIONS["digits-c" if corrupted else "digits"])
 
 
 ANIMALS_PACKAGE = "animal-mnist==0.4"
@@ -299,15 +392,19 @@ CORRUPTIONS: dict[str, Callable[[torch.Tensor, int, torch.Generator], torch.Tens
     "noise": _noise, "blur": _blur, "occlusion": _occlusion, "contrast": _contrast, "pixelate": _pixelate}
 
 
-def corrupt(images: torch.Tensor, seed: int = 0, clean: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def corrupt(images: torch.Tensor, seed: int = 0, clean: float = 0.2,
+            severity: tuple[int, int] = (1, 5)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each uint8 image ``(N, 1, H, W)`` left clean with probability ``clean``, else one corruption of
-    :data:`CORRUPTIONS` at a severity from 1 to 5. Returns the images and, per image, the corruption's index
-    (-1: clean) and severity (0: clean); the same for a given ``seed``."""
+    :data:`CORRUPTIONS` at a severity drawn uniformly from ``severity`` (lowest, highest; within 1-5). Returns the
+    images and, per image, the corruption's index (-1: clean) and severity (0: clean); the same for a given ``seed``."""
+    low, high = severity
+    if not 1 <= low <= high <= 5:
+        raise DatasetError(f"severity {severity}: expected (lowest, highest) with 1 <= lowest <= highest <= 5.")
     g = torch.Generator().manual_seed(seed)
     n = len(images)
     corrupted = torch.rand(n, generator=g) >= clean
     kind = torch.where(corrupted, torch.randint(0, len(CORRUPTIONS), (n,), generator=g), -1)
-    severity = torch.where(corrupted, torch.randint(1, 6, (n,), generator=g), 0)
+    severity = torch.where(corrupted, torch.randint(low, high + 1, (n,), generator=g), 0)
     out = images.clone()
     x = images.float() / 255
     for k, fn in enumerate(CORRUPTIONS.values()):  # one batch per corruption and severity
@@ -319,12 +416,15 @@ def corrupt(images: torch.Tensor, seed: int = 0, clean: float = 0.2) -> tuple[to
 
 
 @functools.lru_cache(maxsize=4)  # a sweep loads it once per run: build it once per process
-def _animals(size: int, corrupted: bool) -> DataSplits:
+def _animals(size: int, corrupted: bool, fit: str) -> DataSplits:
     images, labels = read_animals()
+    keep = unique_images(images, labels)  # 284 identical pairs: hashed before splitting, kept once
+    images, labels = images[keep], labels[keep]
     if corrupted:
         images = corrupt(images, seed=0)[0]
     train, val, test = _stratified_split(labels, (0.5, 0.1, 0.4), seed=0)
-    return _tensor_splits(_fit(images, size), labels, train, val, test, ANIMALS_CLASSES, flip=True)
+    return _tensor_splits(images, labels, train, val, test, ANIMALS_CLASSES, flip=True, size=size, fit=fit,
+                          version=VERSIONS["animals-c" if corrupted else "animals"])
 
 
 def _open_image(path: str):  # noqa: ANN202 (PIL image)
@@ -334,6 +434,16 @@ def _open_image(path: str):  # noqa: ANN202 (PIL image)
     with Image.open(path) as image:
         image.load()
         return image
+
+
+class _Fit:
+    """:func:`fit_to_size` as a per-image transform (a class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, size: int, fit: str) -> None:
+        self.size, self.fit = size, fit
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return fit_to_size(image, self.size, self.fit)
 
 
 class _ConvertMode:
@@ -346,7 +456,7 @@ class _ConvertMode:
         return image.convert(self.mode)
 
 
-def _folder(root: Optional[str], size: int) -> DataSplits:
+def _folder(root: Optional[str], size: int, fit: str) -> DataSplits:
     from torchvision.datasets import ImageFolder
 
     if not root or not os.path.isdir(os.path.join(root, "train")):
@@ -358,10 +468,11 @@ def _folder(root: Optional[str], size: int) -> DataSplits:
     probe = ImageFolder(os.path.join(root, "train"), loader=_open_image)
     if not len(probe):
         raise DatasetError(f"'{root}/train' holds no images.")
-    gray = probe.loader(probe.samples[0][0]).mode in ("1", "L", "I", "I;16", "F")
+    first = probe.loader(probe.samples[0][0])
+    gray = first.mode in ("1", "L", "I", "I;16", "F")
     mode = "L" if gray else "RGB"
-    base = v2.Compose([_ConvertMode(mode), v2.PILToTensor(),
-                       v2.Resize(size=None, max_size=size, antialias=True), v2.CenterCrop(size)])
+    _check_fit(first.height, first.width, size, fit, root)
+    base = v2.Compose([_ConvertMode(mode), v2.PILToTensor(), _Fit(size, fit)])
     sample = torch.stack([base(probe.loader(p)) for p, _ in probe.samples[:: max(1, len(probe) // 1000)]])
     mean, std = _stats(sample)
     train_t, test_t = _transforms(mean, std, size, flip=True)
@@ -377,21 +488,26 @@ def _folder(root: Optional[str], size: int) -> DataSplits:
     test = folder(present[-1], test_t)  # test/ when there is one, else val/
     if len(present) == 2:
         return DataSplits(train, folder("val", test_t), test, calibration, train.classes, 1 if gray else 3, size,
-                          mean, std)
+                          mean, std, version=VERSIONS["folder"], fit=fit)
     labels = torch.tensor(train.targets)
     train_idx, val_idx = _stratified_split(labels, (0.9, 0.1), seed=0)
     return DataSplits(Subset(train, train_idx.tolist()), Subset(calibration, val_idx.tolist()), test,
-                      Subset(calibration, train_idx.tolist()), train.classes, 1 if gray else 3, size, mean, std)
+                      Subset(calibration, train_idx.tolist()), train.classes, 1 if gray else 3, size, mean, std,
+                      version=VERSIONS["folder"], fit=fit)
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None, input_size: int = 32, download: bool = False) -> DataSplits:
-    """Load one of :data:`DATASETS` (see module doc) at ``input_size`` x ``input_size``."""
+def load_dataset(name: str, data_dir: Optional[str] = None, input_size: int = 32, download: bool = False,
+                 fit: str = DEFAULT_FIT) -> DataSplits:
+    """Load one of :data:`DATASETS` (see module doc) at ``input_size`` x ``input_size``; images smaller than that
+    are padded or stretched to it as ``fit`` says (:func:`fit_to_size`), larger ones resized and centre-cropped."""
+    if fit not in FITS:
+        raise DatasetError(f"unknown fit {fit!r}; use one of {FITS}.")
     if name == "cifar10":
-        return _cifar10(data_dir, input_size, download)
+        return _cifar10(data_dir, input_size, download, fit)
     if name == "folder":
-        return _folder(data_dir, input_size)
-    if name == "digits":
-        return _digits(input_size)
+        return _folder(data_dir, input_size, fit)
+    if name in ("digits", "digits-c"):
+        return _digits(input_size, name == "digits-c", fit)
     if name in ("animals", "animals-c"):
-        return _animals(input_size, corrupted=name == "animals-c")
+        return _animals(input_size, name == "animals-c", fit)
     raise DatasetError(f"unknown dataset {name!r}; use one of {DATASETS}.")

@@ -33,12 +33,12 @@ from torch import fx, nn
 from .errors import GateConfigError
 
 __all__ = ["GateConfig", "GateRecord", "ResidualGate", "Controller", "CIRScorer", "cosine_incompatibility",
-           "keep_cut", "RouteState", "MODES", "INFERENCE_MODES", "GATE_KINDS"]
+           "keep_cut", "MODES", "INFERENCE_MODES", "GATE_KINDS"]
 
 #: ``auto`` follows ``module.training``: ``gumbel`` in train(), ``hard`` in eval().
-MODES = ("auto", "gumbel", "hard", "dense", "static", "route")
+MODES = ("auto", "gumbel", "hard", "dense", "static")
 #: The modes that make the same decision for a sample every time (what evaluation and FLOPs counting use).
-INFERENCE_MODES = ("hard", "dense", "static", "route")
+INFERENCE_MODES = ("hard", "dense", "static")
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ class Controller(nn.Module):
             w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
         if w1.dtype is not torch.float32:  # after model.half(): decide in float32 all the same
             w1, b1, w2, b2 = w1.float(), b1.float(), w2.float(), b2.float()
-        if x.shape[0] == 1 and x.dtype is torch.float32 and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and x.shape[0] == 1 and x.dtype is torch.float32:  # no guard in graphs
             m = _as_matrix(x)
             if m is not None:  # addmv: gateify.flops counts it (torch's FLOP counter does not by default)
                 pooled = torch.mv(m, _pool_weights(m.shape[1], x.device))  # (C,)
@@ -475,8 +475,6 @@ class ResidualGate(nn.Module):
             return self._static(shortcut, inputs, params)
         if mode == "gumbel":
             return self._gumbel(shortcut, inputs, params)
-        if mode == "route":
-            return self._route(shortcut, inputs, params)
         raise GateConfigError(f"gate mode {self.mode!r} is not one of {MODES}; use gateify.set_mode.")
 
     def _static(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
@@ -563,31 +561,6 @@ class ResidualGate(nn.Module):
         sub = [_gather(t, idx) if b else t for t, b in zip(inputs, self.batched)]
         return self._scatter(shortcut, idx, self._run_branch(*sub, *params))
 
-    def _route(self, shortcut: torch.Tensor, inputs: tuple, params: tuple) -> torch.Tensor:
-        """Routing among static paths (:mod:`gateify.routing`): run the branch for the samples whose path holds
-        this block. The model's forward hook runs the passes; in a pass that sends samples on to a deeper path,
-        the gates before the point where the paths part replay what the previous pass computed."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            raise GateConfigError("a routed model runs a second pass for the samples its cheap path is unsure of, "
-                                  "which cannot be compiled or exported; export each path as a plain model: "
-                                  "gateify.to_static(model, keep=path) for path in gateify.routing_paths(model).")
-        state: RouteState = self.route_state
-        if state.forced is not None:  # training: every sample on the path it was given
-            return self._skip(shortcut, inputs, params, self.route_keep[state.forced])
-        replay = state.replay.get(self.index)
-        if replay is not None:
-            out = replay
-        elif self.index < state.replay_until:
-            out = self._alone(shortcut)  # overwritten by the replay further on: no branch for it
-        elif bool(self.route_keep[state.pass_level]):
-            out = self._add(shortcut, self._run_branch(*inputs, *params))
-        else:
-            out = self._alone(shortcut)
-        if self.index in state.cache_at:
-            state.cache[self.index] = out.detach().clone()  # what the next pass replays (out may change in place)
-        self._forget()
-        return out
-
     # Large activations are mmapped by the allocator, so a fresh buffer per block costs page faults that show as a
     # few percent of latency. Without autograd, write into a buffer that is ours, as the original `x += shortcut`
     # does; `owns_shortcut` (set by the conversion) says the shortcut tensor is consumed by this addition alone.
@@ -625,9 +598,7 @@ class ResidualGate(nn.Module):
         keep = torch.sigmoid(logit) >= threshold  # (B,) bool
         if self.record:
             self._record("hard", torch.sigmoid(logit), keep, None)
-        if torch.compiler.is_exporting():
-            return self._hard_cond(shortcut, inputs, params, keep, split_all=False)
-        if torch._dynamo.config.capture_dynamic_output_shape_ops:  # set by gateify.compile while it traces
+        if torch.compiler.is_exporting() or torch._dynamo.config.capture_dynamic_output_shape_ops:  # gateify.compile
             return self._hard_cond(shortcut, inputs, params, keep, split_all=True)
         return self._skip(shortcut, inputs, params, keep)  # plain torch.compile: dynamo breaks the graph at the sync
 
@@ -685,24 +656,3 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
     if t.ndim == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
-
-
-class RouteState:
-    """What the gates of a routed model (:func:`gateify.route`) share during one call: which path the current pass
-    runs (``pass_level``), the gate outputs it replays (``replay``: gate index -> ``(n, ...)``) and caches for a
-    later pass (``cache_at``, ``cache``), and, in training, each sample's forced path (``forced``, ``(B,)``)."""
-
-    def __init__(self, levels: int, cache_at: Sequence[int], decisions: Sequence[int]) -> None:
-        self.levels = levels
-        self.cache_at = frozenset(cache_at)  # gate indices whose output a deeper pass replays
-        self.decisions = tuple(decisions)  # per level >= 1: index of the first gate where its path departs
-        self.forced: Optional[torch.Tensor] = None
-        self.level: Optional[torch.Tensor] = None  # each sample's path after the last call
-        self.busy = False  # inside a deeper pass
-        self.begin()
-
-    def begin(self, level: int = 0, replay: Optional[dict[int, torch.Tensor]] = None, replay_until: int = -1) -> None:
-        self.pass_level = level
-        self.replay = replay or {}
-        self.replay_until = replay_until
-        self.cache: dict[int, torch.Tensor] = {} if replay is None else self.cache

@@ -7,9 +7,13 @@ configuration and each gate's mode, Gumbel temperature and noise scale. Nothing 
 keys and shapes before copying, so a mismatched file leaves the model untouched. Files are written atomically
 (temporary name, then rename) with the permissions the process umask gives a new file.
 
+A routed model (:func:`gateify.route`) is stored as its plain network (keys ``network.<source key>``) and its
+``threshold_bits``, with its paths in the ``routing`` metadata (each path as the blocks it removes).
+
 Format history: 1 (gateify 0.1.0) stored each threshold as a float32 ``threshold`` and a CIR gate's parameters as
 ``cir_scale``/``cir_offset`` beside an unused controller; 2 stores ``threshold_bits`` (the float32's int32 bits, so
-weight averaging cannot touch it) and ``cir.scale``/``cir.offset``. Format 1 files still load.
+weight averaging cannot touch it) and ``cir.scale``/``cir.offset``; 3 stores a routed model without gates (format 2
+stored it as a converted model whose gates held the paths). Files of formats 1 and 2 still load.
 """
 
 from __future__ import annotations
@@ -30,12 +34,12 @@ from .errors import GateifyError, WeightsFileError
 from .gate import MODES, GateConfig, ResidualGate
 from .models import architecture_of, create_model
 from .modes import gates, unwrap
-from .routing import is_routed, route_from_metadata, routing_metadata
+from .routing import RoutedModel, is_routed, route_from_metadata, routing_metadata, routing_paths
 
 __all__ = ["save", "load", "load_dense", "atomic_save", "read_safetensors", "read_metadata", "check_fits",
            "is_gateify_file", "FORMAT_VERSION", "FORMAT_KEY"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: metadata key that marks a file written by :func:`save`; its value is the format version
 FORMAT_KEY = "gateify_format"
 
@@ -72,7 +76,8 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, architecture: Optio
     """
     module = unwrap(model)
     found = gates(module)
-    arch = dict(architecture) if architecture is not None else architecture_of(module)
+    routed = is_routed(module)
+    arch = dict(architecture) if architecture is not None else architecture_of(module.network if routed else module)
     configs = {json.dumps(g.config.to_dict(), sort_keys=True) for g in found.values()}
     if len(configs) > 1:
         raise WeightsFileError("gates with different configurations cannot be described by one file header.")
@@ -84,7 +89,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, architecture: Optio
         "gate_config": configs.pop() if configs else "null",
         # tau and noise are plain attributes (set_mode changes them), not buffers: kept here
         "gates": json.dumps({name: {"mode": g.mode, "tau": g.tau, "noise": g.noise} for name, g in found.items()}),
-        "routing": json.dumps(routing_metadata(module) if found else None),
+        "routing": json.dumps(routing_metadata(module) if routed else None),
     }
     state = module.state_dict()
     versions = _module_versions(state)
@@ -229,7 +234,8 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
         model: ``None`` to rebuild the architecture recorded in the file (timm or torchvision name) and convert it
             with the recorded gate configuration; or your own model, plain (a converted copy is returned; the plain
             model itself is not modified) or already converted (loaded in place and returned). Either way nothing
-            is modified unless the whole file fits.
+            is modified unless the whole file fits. A routed file gives a :class:`gateify.RoutedModel` with the
+            file's paths; a routed model passed as ``model`` must route the same paths (loaded in place).
         convert_kwargs: passed to :func:`gateify.convert` when the model has to be converted (``example_input``,
             ``leaf_modules``, ``autowrap_functions``), for models whose conversion needs them.
 
@@ -243,8 +249,11 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
         raise WeightsFileError(f"'{path}' was not written by gateify.save (no '{FORMAT_KEY}' metadata). For dense "
                                f"weights of the source model use gateify.load_dense(model, '{path}').")
     version, arch, config, modes = _parse_metadata(path, metadata)
+    routing = _json_field(path, metadata, "routing")
     if version == 1:
         tensors = _from_format_1(tensors, modes, config)
+    if routing and version <= 2:
+        tensors = _routed_from_format_2(tensors, modes, routing)
     if model is None:
         if not arch:
             raise WeightsFileError(f"'{path}' does not record its architecture; pass the model: "
@@ -255,12 +264,15 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
             raise WeightsFileError(f"'{path}' records architecture {_describe(arch)}, which this installation "
                                    f"cannot build ({type(e).__name__}: {e}); build it yourself and pass it: "
                                    f"gateify.load('{path}', model=...).") from e
+    if routing:
+        versions = _json_field(path, metadata, "module_versions")
+        return _load_routed(path, tensors, routing, arch, config, model, convert_kwargs, versions)
+    if is_routed(model):
+        raise WeightsFileError(f"'{path}' holds a model that does not route, and the model passed routes; pass the "
+                               f"model the file was written from (plain or converted).")
     target = model
     if config is not None and not gates(model):
         target = convert(model, GateConfig.from_dict(config), **convert_kwargs)
-    routing = _json_field(path, metadata, "routing")
-    if routing and not is_routed(target):
-        route_from_metadata(target, routing)
     if config is None and gates(model):
         raise WeightsFileError(f"'{path}' holds a plain (ungated) model but the model passed is converted; pass "
                                f"the plain source model, or load the file with gateify.load_dense.")
@@ -278,6 +290,50 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
         gate.tau = float(modes[name].get("tau", gate.tau))  # absent in files written before they were stored
         gate.noise = float(modes[name].get("noise", gate.noise))
     return target
+
+
+def _load_routed(path: str, tensors: dict[str, torch.Tensor], routing: Mapping[str, Any], arch: Optional[dict],
+                 config: Optional[dict], model: nn.Module, convert_kwargs: Mapping[str, Any],
+                 versions: Optional[Mapping[str, int]]) -> RoutedModel:
+    """A routed file into ``model``: rebuilt and routed with the file's paths, or checked against them if it routes."""
+    removed = [sorted(p) for p in routing.get("paths", [])]
+    if is_routed(model):
+        theirs = [sorted(n for n, keep in p.items() if not keep) for p in routing_paths(model)]
+        if theirs != removed:
+            raise WeightsFileError(f"'{path}' routes among paths removing {removed}, the model passed among paths "
+                                   f"removing {theirs}; load the file without model= to rebuild it as saved, or "
+                                   f"route the source model with the file's paths first.")
+        target = unwrap(model)
+    else:
+        tracer = {k: v for k, v in convert_kwargs.items() if k in ("leaf_modules", "autowrap_functions")}
+        converted = model if gates(model) else convert(model, GateConfig.from_dict(config) if config else None,
+                                                       **convert_kwargs)
+        target = route_from_metadata(converted, routing, **tracer)
+    theirs = architecture_of(target.network)
+    hint = (f"The file was saved from {_describe(arch)}, the model passed is {_describe(theirs)}."
+            if arch and theirs and arch != theirs else "")
+    check_fits(target, tensors, path, hint=hint)
+    target.load_state_dict(_versioned(target, tensors, versions), strict=True)
+    return target
+
+
+def _routed_from_format_2(tensors: dict[str, torch.Tensor], modes: Mapping[str, Any],
+                          routing: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A format-2 routed file (a converted model whose gates held the paths) as format 3: its network's tensors
+    under ``network.``, and per deeper level the threshold of the gate where that level's path departed."""
+    prefixes = {}
+    for name in modes:  # in execution order, as gateify.gates lists them
+        prefixes[name] = next((p for p in (f"{name}.gate.", f"{name}.") if f"{p}threshold_bits" in tensors), None)
+    if None in prefixes.values():
+        return tensors  # not the layout format 2 wrote: check_fits will name what is missing
+    removed = [set(p) for p in routing.get("paths", [])]
+    thresholds = []
+    for k in range(1, len(removed)):
+        depart = next((n for n in modes if (n in removed[k]) != (n in removed[k - 1])), next(iter(modes)))
+        thresholds.append(tensors[f"{prefixes[depart]}threshold_bits"].reshape(()))
+    out = {f"network.{k}": v for k, v in tensors.items() if not any(k.startswith(p) for p in prefixes.values())}
+    out["threshold_bits"] = torch.stack(thresholds) if thresholds else torch.zeros(0, dtype=torch.int32)
+    return out
 
 
 def _module_versions(state: Mapping[str, torch.Tensor]) -> dict[str, int]:

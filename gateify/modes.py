@@ -51,6 +51,11 @@ def gates(model: nn.Module) -> "OrderedDict[str, ResidualGate]":
 def require_gates(model: nn.Module, needed_by: str) -> "OrderedDict[str, ResidualGate]":
     """:func:`gates`, refusing a model that has none (``needed_by`` names the caller in the message)."""
     found = gates(model)
+    if not found and getattr(unwrap(model), "gateify_routed", False):
+        raise GateConfigError(f"{needed_by} works on the gates of a converted model, and a routed model has none: it "
+                              f"routes each sample among static paths by the cheapest path's confidence. Use "
+                              f"routed.path(k) for one path as a plain model, routed.network for the dense network, "
+                              f"gateify.calibrate(routed, data, target) to move its threshold.")
     if not found:
         raise NotConvertedError(f"{needed_by} needs a converted model, and this one has no gates; call "
                                 f"gateify.convert(model) first.")

@@ -22,7 +22,7 @@ from .gate import GateConfig, ResidualGate
 from .matching import ancestors, branch_nodes, is_heavy, tensor_shape
 
 __all__ = ["call_module", "channel_dim", "gate_residual", "NotAResidual", "UnskippableResidual", "inline_block",
-           "ValueRecorder", "EXAMPLE_BATCH"]
+           "ResidualBranch", "ValueRecorder", "EXAMPLE_BATCH"]
 
 EXAMPLE_BATCH = 2  # the example input's batch; shapes tracking it mark batched tensors
 
@@ -39,6 +39,22 @@ class UnskippableResidual(GateifyError):
 def call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """A branch graph's way of calling a module its block passes in (kept importable for pickling)."""
     return module(*args, **kwargs)
+
+
+class ResidualBranch(fx.GraphModule):
+    """A gate's branch ``F`` as a stateless graph (the block's modules and tensors come in as arguments).
+
+    Every gate holds one, so this is where a gated model refuses TorchScript: ``torch.jit.script`` calls each
+    submodule's ``__prepare_scriptable__`` before compiling anything, and the gate's per-sample skip (gather the kept
+    samples, run ``F`` on them, scatter back) is Python that TorchScript cannot compile.
+    """
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise GateifyError(
+            "torch.jit.script cannot compile a gated model: TorchScript is not supported for gateify gates, whose "
+            "per-sample skip is data-dependent Python. Use torch.export.export(model.eval(), (x,)) instead (each gate "
+            "becomes a torch.cond that still skips per sample; docs/export.md), or script a model without gates: "
+            "gateify.to_dense(model) or gateify.to_static(model).")
 
 
 def _unique_attr(module: nn.Module, base: str) -> str:
@@ -224,7 +240,7 @@ def gate_residual(gm: fx.GraphModule, add: fx.Node, shortcut: fx.Node, branch: f
         else:
             env[n] = sub.node_copy(n, env.__getitem__)
     sub.output(env[branch])
-    branch_gm = fx.GraphModule(nn.Module(), sub, class_name="ResidualBranch")
+    branch_gm = ResidualBranch(nn.Module(), sub, class_name="ResidualBranch")
 
     dim = channel_dim(inputs[ctrl_index], copied, gm)
     gate = ResidualGate(branch_gm, tensor_shape(inputs[ctrl_index])[dim], batched, config, ctrl_index)

@@ -129,6 +129,12 @@ def trace_module(module: nn.Module, prefix: str, leaf_types: Sequence[type], lea
         for param, node in zip(params, placeholders):
             if param.name in concrete_none and node.target != param.name and param.name not in taken:
                 node.target = node.name = param.name
+    for node in graph.nodes:
+        # a forward written under ``from __future__ import annotations`` has string annotations; fx writes them into
+        # the generated code as undefined names ('torch.Tensor' -> _torch_Tensor_), which TorchScript then rejects
+        # (to_dense/to_static blocks must script as their source did). Unannotated means Tensor to TorchScript.
+        if isinstance(node.type, str):
+            node.type = None
     return graph
 
 

@@ -29,7 +29,7 @@ from .errors import TrainingError
 from .io import atomic_save, check_fits, read_safetensors
 from .modes import gates, evaluating, record_decisions, unwrap
 from .regularizer import GateRegularizer, distill_loss
-from .routing import RouteLoss
+from .routing import RouteLoss, is_routed
 
 __all__ = ["TrainConfig", "Checkpoint", "EvalResult", "evaluate", "fit", "distill_loss", "make_optimizer"]
 
@@ -49,6 +49,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     distill_weight: float = 0.0
     distill_temperature: float = 2.0
+    self_distill: float = 1.0  # routed: cheaper paths distilled from the deepest; others: weight of fit's self_teacher
+    survivors: Optional[float] = None  # routed: fraction of each batch a deeper path learns from (RouteLoss)
     controller_lr_mult: float = 10.0
     warmup_epochs: float = 0.0
     amp: bool = False
@@ -127,13 +129,21 @@ class Checkpoint:
 
 @dataclass
 class EvalResult:
-    """Accuracy and, for a gated model, each test sample's hard decision per block."""
+    """Accuracy and, for a gated model, each test sample's hard decision per block; for a routed model, the path
+    each test sample ended on."""
 
     accuracy: float
     labels: torch.Tensor
     predictions: torch.Tensor
     decisions: Optional[torch.Tensor] = None  # (N, blocks) bool
     blocks: list[str] = field(default_factory=list)
+    levels: Optional[torch.Tensor] = None  # (N,) int64, routed models
+
+    def level_shares(self, levels: int) -> list[float]:
+        """Fraction of the samples that ended on each of ``levels`` paths (routed models)."""
+        if self.levels is None:
+            return []
+        return (torch.bincount(self.levels, minlength=levels).float() / len(self.levels)).tolist()
 
     def keep_rate(self) -> dict[str, float]:
         if self.decisions is None:
@@ -171,17 +181,24 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, chan
     ``"gumbel"`` mode evaluated in ``"hard"`` mode (``"hard"``, ``"dense"``, ``"static"`` gates as they are)."""
     module = unwrap(model)
     found = gates(module)
-    labels, preds, decisions = [], [], []
+    routed = is_routed(module)
+    labels, preds, decisions, levels = [], [], [], []
     with torch.no_grad(), evaluating(module), record_decisions(module):
         for x, y in loader:
             x = x.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            preds.append(module(x).argmax(1).cpu())
+            if routed:
+                logits, level = module.forward_routes(x)
+                levels.append(level.cpu())
+            else:
+                logits = module(x)
+            preds.append(logits.argmax(1).cpu())
             labels.append(y.cpu())
             if found:
                 decisions.append(torch.stack([g.last.gate.detach().bool().cpu() for g in found.values()], 1))
     labels_t, preds_t = torch.cat(labels), torch.cat(preds)
     return EvalResult(float((labels_t == preds_t).float().mean()), labels_t, preds_t,
-                      torch.cat(decisions) if decisions else None, list(found))
+                      torch.cat(decisions) if decisions else None, list(found),
+                      torch.cat(levels) if levels else None)
 
 
 def _is_main() -> bool:
@@ -203,8 +220,8 @@ def fit(
     device: torch.device,
     *,
     regularizer: Optional[GateRegularizer] = None,
-    routing: Optional[RouteLoss] = None,
     teacher: Optional[nn.Module] = None,
+    self_teacher: Optional[nn.Module] = None,
     checkpoint: Optional[Checkpoint] = None,
     resume: bool = False,
     on_epoch_end: Optional[Callable[[int, dict[str, float]], dict[str, float]]] = None,
@@ -213,12 +230,20 @@ def fit(
 ) -> list[dict[str, float]]:
     """Train ``model`` for ``cfg.epochs`` epochs; returns one dict of statistics per epoch run here.
 
-    ``regularizer`` adds the gate regulariser's terms (controller gates); ``routing`` (a :class:`RouteLoss`) trains a
-    routed model on all its paths at once (the teacher's logits are distilled into every path). ``on_epoch_end(epoch,
+    ``regularizer`` adds the gate regulariser's terms (controller gates). A routed model (:func:`gateify.route`)
+    trains every path on every sample with a :class:`RouteLoss` built from ``cfg`` (label smoothing, distillation
+    weight and temperature, self-distillation): the teacher's logits are distilled into every path.
+    ``self_teacher`` (another model, e.g. the deeper model of a cascade) is distilled in as well, with weight
+    ``cfg.self_distill``: what a routed model's cheap path gets from its deep path, for a fair comparison. ``on_epoch_end(epoch,
     stats)`` may evaluate and return more statistics to log; it runs before the epoch's checkpoint is written. With ``resume`` and an existing checkpoint, training restarts after its last epoch.
     """
     from tqdm import tqdm
 
+    routing = (RouteLoss(model, distill_weight=cfg.distill_weight, temperature=cfg.distill_temperature,
+                         self_distill=cfg.self_distill, label_smoothing=cfg.label_smoothing, survivors=cfg.survivors)
+               if is_routed(model) else None)
+    if self_teacher is not None:
+        self_teacher.eval()
     optimizer = make_optimizer(model, cfg)
     start = 0
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
@@ -269,6 +294,10 @@ def fit(
                     if teacher_logits is not None:
                         task = task + cfg.distill_weight * distill_loss(logits.float(), teacher_logits,
                                                                         cfg.distill_temperature)
+                    if self_teacher is not None and cfg.self_distill > 0:
+                        with torch.no_grad():
+                            deeper = self_teacher(x).float()
+                        task = task + cfg.self_distill * distill_loss(logits.float(), deeper, cfg.distill_temperature)
             if regularizer is not None:
                 terms = regularizer(task.float())
                 loss = terms.total

@@ -154,6 +154,37 @@ def test_bench_times_dense_and_gated(gated_file, capsys):
     assert "executed FLOPs" in out and "random" in out
 
 
+@pytest.fixture
+def routed_file(resnet20, cifar_batch, tmp_path):
+    """resnet20 routed between two paths, the threshold sending some of a random batch deeper."""
+    cheap = {f"layer{i}.{j}": j == 0 for i in (1, 2, 3) for j in range(3)}
+    deep = {f"layer{i}.{j}": j < 2 for i in (1, 2, 3) for j in range(3)}
+    routed = gateify.route(gateify.convert(resnet20), [cheap, deep]).eval()
+    with torch.no_grad():
+        routed.network.fc.weight.mul_(30)  # confident on some random images, unsure of others
+    gateify.calibrate(routed, cifar_batch, 0.5, max_error=1.0)
+    path = tmp_path / "routed.safetensors"
+    gateify.save(routed, path)
+    return path, routed
+
+
+def test_info_and_bench_describe_a_routed_file_in_routing_words(routed_file, capsys):
+    """Issue 19: info described a routed threshold in hard-gate words; bench timed a dense model as 'gated'."""
+    path, routed = routed_file
+    code, out, err = run(capsys, "info", path, "--samples", 8)
+    assert (code, err) == (0, "")
+    assert "2 nested static paths" in out and "1 - max softmax >= threshold" in out and "keep probability" not in out
+    assert f"{float(routed.threshold[0]):.4g}" in out
+    assert "layer1.1, layer1.2, layer2.1, layer2.2, layer3.1, layer3.2" in out  # path 0's removed blocks
+    code, out, err = run(capsys, "bench", path, "--batch-size", 4, "--repeats", 2, "--warmup", 0, "--threads", 1)
+    assert (code, err) == (0, "")
+    assert "routed" in out and "path 0 alone" in out and "gated, hard mode" not in out
+    executed = float(out.split("executed FLOPs ")[1].split("%")[0])
+    x = gateify.cli._random_batch(routed, 4, None, torch.device("cpu"))
+    assert executed == pytest.approx(100 * gateify.flops(routed, x).executed_fraction, abs=0.05)
+    assert executed < 100  # the routed model as saved, not a dense model
+
+
 @pytest.mark.parametrize("argv,message", [
     (["convert", "no_such_net", "--out", "{tmp}/x.safetensors"], "unknown model 'no_such_net'"),
     (["info", "{tmp}/missing.safetensors"], "no file at"),

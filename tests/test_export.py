@@ -155,3 +155,111 @@ def test_exporting_static_mode_points_to_to_static(static):
     gated_static, _ = static
     with pytest.raises(gateify.GateifyError, match="to_static"):
         torch.export.export(gated_static, (batch(2, 0),))
+
+
+# --- routed models: one graph, the escalation a torch.cond -----------------------------------------------------------
+
+CHEAP = {"layer1.0": False, "layer1.2": False, "layer2.2": False, "layer3.0": False, "layer3.1": False,
+         "layer3.2": False}
+DEEP = {"layer1.0": False, "layer1.2": False, "layer3.2": False}
+
+
+@pytest.fixture(scope="module")
+def routed() -> gateify.RoutedModel:
+    """resnet20 routed between two paths, its threshold sending about half of a batch deeper."""
+    torch.manual_seed(0)
+    model = perturb_batchnorm(gateify.create_model("resnet20", num_classes=10)).eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(20)  # confident on some samples, unsure of others
+    routed = gateify.route(gateify.convert(model), [CHEAP, DEEP]).eval()
+    gateify.calibrate(routed, batch(32, 1), target=0.5)
+    return routed
+
+
+@pytest.fixture(scope="module")
+def routed_program(routed) -> torch.export.ExportedProgram:
+    return torch.export.export(routed, (batch(16, 1),), dynamic_shapes={"x": {0: BATCH}})
+
+
+def escalation_sets():
+    """Batches whose escalated samples differ: none, some, all, and single samples either way."""
+    return [(24, 2), (7, 3), (1, 4), (1, 5), (1, 6), (3, 8)]
+
+
+def test_a_routed_model_exports_as_one_graph_with_its_escalation_a_cond(routed, routed_program):
+    conds = [n for n in routed_program.graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert len(conds) == 1  # one data-dependent step for the one deeper level
+    assert torch.ops.aten.nonzero.default not in {n.target for n in routed_program.graph.nodes}
+    module = routed_program.module()
+    seen = set()
+    with torch.no_grad():
+        for n, seed in escalation_sets():
+            x = batch(n, seed)
+            out, levels = routed.forward_routes(x)
+            seen.add((n, int(levels.sum())))
+            assert (module(x) - out).abs().max() <= TOL
+    assert any(s == 0 for _, s in seen) and any(0 < s < n for n, s in seen)  # both sides of the cond ran
+
+
+def test_a_routed_programs_threshold_stays_a_buffer(routed, routed_program):
+    module = copy.deepcopy(routed_program.module())
+    eager = copy.deepcopy(routed)
+    for threshold in (0.0, 1.5):  # every sample deeper; none
+        module.threshold_bits.view(torch.float32).fill_(threshold)
+        eager.threshold.fill_(threshold)
+        with torch.no_grad():
+            assert (module(batch(8, 6)) - eager(batch(8, 6))).abs().max() <= TOL
+            levels = eager.forward_routes(batch(8, 6)).levels
+        assert bool((levels == 1).all()) == (threshold == 0.0)
+
+
+def test_gateify_compile_makes_a_routed_model_one_graph(routed):
+    x = batch(12, 2)
+    config = torch._dynamo.config
+    config.capture_dynamic_output_shape_ops = True  # what gateify.compile sets around its calls
+    try:
+        torch._dynamo.reset()
+        with torch.no_grad():
+            explained = torch._dynamo.explain(routed)(x)
+    finally:
+        config.capture_dynamic_output_shape_ops = False
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = gateify.compile(routed, backend="eager")  # dynamo's graph run as is: the capture, not inductor
+    with torch.no_grad():
+        for n, seed in escalation_sets():
+            assert (compiled(batch(n, seed)) - routed(batch(n, seed))).abs().max() <= TOL
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")),
+                    reason="ONNX export needs onnx, onnxscript and onnxruntime: pip install -e '.[dev]'")
+def test_a_routed_model_runs_in_onnxruntime(routed, routed_program, tmp_path):
+    import onnx
+    import onnxruntime
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(routed_program, dynamo=True, verbose=False)
+    program.save(str(tmp_path / "routed.onnx"))
+    assert "If" in {node.op_type for node in onnx.load(str(tmp_path / "routed.onnx")).graph.node}
+    session = onnxruntime.InferenceSession(str(tmp_path / "routed.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for n, seed in escalation_sets():
+            x = batch(n, seed)
+            got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+            assert (got - routed(x)).abs().max() <= 1e-4
+
+
+def test_segments_compiled_on_their_own_with_buckets_equal_eager(routed):
+    """routed.compile_segments: each level's code compiled alone (CUDA graphs per segment on a GPU with
+    mode='reduce-overhead'), deeper sub-batches padded to powers of two and trimmed again."""
+    fast = copy.deepcopy(routed).compile_segments(backend="eager", dynamic=False)
+    seen = []
+    hook = fast.network.layer3[0].conv1.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    with torch.no_grad():
+        for n, seed in escalation_sets():
+            x = batch(n, seed)
+            out, levels = routed.forward_routes(x)
+            got, got_levels = fast.forward_routes(x)
+            assert torch.equal(got_levels, levels) and (got - out).abs().max() <= TOL
+    hook.remove()
+    assert seen and all(s & (s - 1) == 0 for s in seen)  # the deeper level only ever saw powers of two

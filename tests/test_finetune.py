@@ -51,6 +51,8 @@ def test_outputs_and_metrics(run):
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["kind"] == "gated" and metrics["preset"] == "balanced" and metrics["epochs"] == 1
+    # which data, exactly: the dataset's version and how its 28x28 images reached the 32x32 input
+    assert (metrics["dataset_version"], metrics["fit"], metrics["input_size"]) == ("digits/2", "pad", 32)
     # ResNet-20 on 1-channel 32x32 images, counted by hand (option-A shortcuts have no convolution)
     assert metrics["block_macs"] == RESNET20_BRANCH_MACS
     assert metrics["dense_macs"] == RESNET20_DIGITS_MACS
@@ -125,6 +127,23 @@ def test_routed_run_reports_what_its_saved_model_does(tmp_path):
     assert cheap["level_shares"][0] == 1.0 and deep["level_shares"][-1] == 1.0
     assert cheap["flops_saved"] > metrics["flops_saved"] > deep["flops_saved"] > 0
     assert 1 - cheap["flops_saved"] == pytest.approx(metrics["route"]["paths_flops"][0], abs=0.01)
+
+
+def test_cascade_run_trains_two_models_the_cheap_one_taught_by_the_deep_one(tmp_path):
+    out = tmp_path / "cascade"
+    metrics = finetune_cifar.run(finetune_cifar.build_parser().parse_args(
+        TINY + ["--method", "cascade", "--out", str(out)]))
+    assert metrics["kind"] == "cascade" and len(metrics["member_seconds"]) == 2
+    model = gateify.load(out / "cascade.safetensors")
+    assert gateify.is_routed(model) and model.is_cascade
+    assert [dict(p) for p in gateify.routing_paths(model)] == metrics["route"]["paths_blocks"]
+    test = DataLoader(load_dataset("digits").test, batch_size=256)
+    assert accuracy(model, test) == pytest.approx(metrics["test_acc"], abs=1e-6)
+    # two weight sets: the cheap model is not the deep model with blocks removed
+    cheap, deep = model.networks
+    assert not torch.equal(cheap.conv1.weight, deep.conv1.weight)
+    by_label = {p["label"]: p for p in metrics["routed_points"]}
+    assert by_label["path 0"]["flops_saved"] > metrics["flops_saved"] > by_label["path 1"]["flops_saved"]
 
 
 def test_missing_cifar_exits_with_instructions(tmp_path, capsys):

@@ -15,18 +15,29 @@ import pareto  # noqa: E402
 def test_quick_sweep_writes_every_kind_with_mean_std_and_seeds(tmp_path):
     pareto.main(["--quick", "--dataset", "digits", "--jobs", "1", "--device", "cpu", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "pareto.json").read_text())
+    assert (result["dataset_version"], result["fit"]) == ("digits/2", "pad")
     kinds = {p["kind"] for p in result["points"]}
-    assert {"dense", "dense_continued", "static", "routed", "routed_path", "cascade"} <= kinds
+    assert {"dense", "dense_continued", "static", "routed", "routed_path", "cascade", "static_fair", "static_sd",
+            "cascade_sd"} <= kinds
     for p in result["points"]:
         assert {"kind", "label", "test_acc", "flops_saved", "epochs", "seeds"} <= set(p)
         assert set(p["test_acc"]) == {"mean", "std", "values"} and len(p["test_acc"]["values"]) == len(p["seeds"])
-    fine_tuned = [p for p in result["points"] if p["kind"] not in ("dense",)]
-    assert {p["epochs"] for p in fine_tuned} == {1}  # equal fine-tuning budget for every kind
+    fine_tuned = [p for p in result["points"] if p["kind"] not in ("dense", "static_fair")]
+    assert {p["epochs"] for p in fine_tuned} == {1}  # equal fine-tuning budget for every kind but the fair static
+    # the fair static model trains with the routed model's FLOPs: more epochs of a cheaper model
+    runs = {r["label"]: r for r in result["runs"]}
+    fair = next(r for r in result["runs"] if r["kind"] == "static_fair")
+    routed_run = json.loads((tmp_path / "seed0" / "routed_balanced" / "metrics.json").read_text())
+    assert fair["epochs"] > 1
+    assert fair["epochs"] * fair["executed_macs"] == pytest.approx(routed_run["train_macs"], rel=0.5 / fair["epochs"])
+    assert runs[fair["label"].replace(" fair", "")]["executed_macs"] == pytest.approx(fair["executed_macs"], rel=0.05)
     routed = next(p for p in result["points"] if p["kind"] == "routed")
     paths = sorted((p for p in result["points"] if p["kind"] == "routed_path"), key=lambda p: p["flops_saved"]["mean"])
     # a calibrated routed point lies between its deepest and its cheapest path in FLOPs
     assert paths[0]["flops_saved"]["mean"] <= routed["flops_saved"]["mean"] <= paths[-1]["flops_saved"]["mean"]
     assert all(m["seeds"] == 1 and m["margin_std"] == 0.0 and not m["beyond_2std"] for m in result["margins"])
+    routed_margins = next(m for m in result["margins"] if m["kind"] == "routed")
+    assert {"static", "static_fair", "cascade", "cascade_sd"} <= set(routed_margins["controls"])
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
     assert (tmp_path / "seed0" / "routed_balanced" / "metrics.json").is_file()
 
@@ -54,3 +65,23 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds():
     assert entry["test_acc"]["mean"] == pytest.approx(0.82)
     assert entry["test_acc"]["std"] == pytest.approx(0.02)  # sample standard deviation (n - 1)
     assert entry["seeds"] == [0, 1, 2]
+
+
+def test_each_control_gets_a_paired_t_test_and_the_strongest_is_named():
+    runs = []
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        runs += [{"kind": "dense_continued", "label": "dense +ft", "seed": seed, "flops_saved": 0.0,
+                  "test_acc": 0.90 + shift},
+                 {"kind": "static", "label": "static@0.40", "seed": seed, "flops_saved": 0.4, "test_acc": 0.86 + shift},
+                 {"kind": "static", "label": "static@0.80", "seed": seed, "flops_saved": 0.8, "test_acc": 0.70 + shift},
+                 {"kind": "cascade", "label": "cascade@0.40", "seed": seed, "flops_saved": 0.6, "target": 0.4,
+                  "test_acc": 0.84 + shift},
+                 {"kind": "routed", "label": "r", "seed": seed, "flops_saved": 0.6, "target": 0.4,
+                  "test_acc": 0.81 + 2 * shift}]
+    routed = next(m for m in pareto.margins(runs) if m["label"] == "r")
+    static = routed["controls"]["static"]
+    assert static["values"] == pytest.approx([0.03, 0.05])
+    # t = mean / (std / sqrt(n)) = 0.04 / 0.01 = 4 on 1 degree of freedom: p = 1 - 2 atan(4) / pi
+    assert static["p"] == pytest.approx(1 - 2 * __import__("math").atan(4) / __import__("math").pi)
+    assert routed["controls"]["cascade"]["values"] == pytest.approx([-0.03, -0.01])
+    assert routed["strongest"] == "cascade" and "static_fair" in routed["controls"]  # no fair point: equal-epoch one
