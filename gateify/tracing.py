@@ -165,7 +165,8 @@ def discover_blocks(model: nn.Module, leaf_types: Sequence[type], leaf_names: se
 
     Every module is traced in eval and in train mode (``if self.training: x = self.extra(x)`` reaches a block in one
     of them only). A module that fails to trace is called as a whole (a leaf) where it is used, and traced on its
-    own; if its own forward fails, its children are traced one by one. ``leaf_names`` gains the modules made leaves.
+    own; if its own forward fails, its children are traced one by one. ``leaf_names`` gains the modules made leaves;
+    the modules it names on entry (the caller's ``leaf_modules``) are never looked into, wherever they sit.
     Modules timm registers as not traceable (``NormFreeBlock``, ``TinyVitBlock``) stay leaves where they are used
     and are looked into the same way (a block among them is gated in its own graph).
     """
@@ -174,10 +175,13 @@ def discover_blocks(model: nn.Module, leaf_types: Sequence[type], leaf_names: se
     opaque: set[str] = set()
     notrace = _notrace_types()
     todo, seen = [""], {""}
+    named_leaves = set(leaf_names)
     flags = training_flags(model)
     try:
         while todo:
             path = todo.pop(0)
+            if path in named_leaves:  # inside a module that failed to trace: still a leaf, as the caller said
+                continue
             module = model.get_submodule(path)
             graphs = []
             if type(module).forward is nn.Module.forward:  # a container without forward (ModuleList): look inside
