@@ -6,6 +6,7 @@ never enters a branch, FLOPs count the kept samples only, and save/load rebuilds
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -472,3 +473,127 @@ def test_torchvision_state_dict_versions_survive_save_and_load(tmp_path):
     with torch.no_grad():
         expected = gated(x)
         torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------- routing beyond ResNets
+
+
+def assert_routes_as_its_paths(gated: nn.Module, paths: list, x: torch.Tensor) -> gateify.RoutedModel:
+    """``gateify.route(gated, paths)``: every path's logits are ``to_static``'s for the same blocks (alone and as
+    ``routed.path(k)``), and with the threshold at the cheap path's median unsureness some samples go deeper, each
+    getting its own path's logits."""
+    routed = gateify.route(gated, paths).eval()
+    with torch.no_grad():
+        alone = torch.stack([gateify.to_static(gated, keep=p).eval()(x) for p in paths])  # (K, B, classes)
+        every = routed(x, every_path=True)
+        for k in range(len(paths)):
+            torch.testing.assert_close(every[k], alone[k])
+            torch.testing.assert_close(routed.path(k).eval()(x), alone[k])
+        routed.threshold.fill_(float((1 - alone[0].softmax(1).amax(1)).median()))
+        out, levels = routed.forward_routes(x)
+    assert 0 < int(levels.sum()) < len(x)
+    torch.testing.assert_close(out, alone[levels, torch.arange(len(x))])
+    return routed
+
+
+def test_every_family_routes_each_sample_to_its_paths_output(pair):
+    """The cheap path drops the second half of the gates (a transformer's attention and MLP residuals apart),
+    the deep one the last gate only."""
+    _, _, gated = pair
+    names = list(gateify.gates(gated))
+    half = len(names) // 2
+    assert_routes_as_its_paths(gated, [{n: False for n in names[half:]}, {names[-1]: False}], batch())
+
+
+def test_a_routed_vit_round_trips_its_file_and_exports(tmp_path):
+    """ViT's forward takes ``attn_mask=None`` after the images: routing runs it at that default."""
+    gated = gateify.convert(build("vit")).eval()
+    x = batch()
+    routed = assert_routes_as_its_paths(gated, [{"blocks.1": False, "blocks.1.gate_1": False},
+                                                {"blocks.1.gate_1": False}], x)
+    gateify.save(routed, tmp_path / "routed.safetensors")
+    loaded = gateify.load(tmp_path / "routed.safetensors").eval()  # the tiny ViT rebuilt at its img_size
+    with torch.no_grad():
+        expected = routed(x)
+        torch.testing.assert_close(loaded(x), expected)
+        torch.testing.assert_close(torch.export.export(routed, (x,)).module()(x), expected)
+
+
+def test_routing_a_block_inside_a_block_runs_the_inner_gates_path_by_path():
+    """The two paths differ only in 'blocks.0.mixer', a gated block its parent's graph calls: the top graph calls
+    the parents, so each path inlines the mixer's static form into its parent's."""
+    torch.manual_seed(0)
+    net = Stem(MixerBlock).eval()
+    x = torch.randn(8, 3, 8, 8)
+    gated = gateify.convert(net, example_input=x[:2])
+    assert_routes_as_its_paths(gated, [{"blocks.0.mixer": False, "blocks.1.mixer": False},
+                                       {"blocks.1.mixer": False}], x)
+
+
+class Guarded(nn.Module):
+    """A mixer behind data-dependent control flow: torch.fx cannot trace it, so its parent calls it as a whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Mixer()
+
+    def forward(self, x):
+        if torch.isfinite(x).all():
+            return self.inner(x)
+        return x
+
+
+class GuardedMixerBlock(MixerBlock):
+    """Its residual first, then the mixer, through a module traced as a whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.mixer = Guarded()
+
+    def forward(self, x):
+        return self.mixer(x + self.mlp(x))
+
+
+def test_a_gated_block_its_parent_calls_only_through_an_opaque_module_is_refused_by_route():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    with pytest.warns(gateify.GateifyWarning, match="'blocks.0.mixer'"):  # called as a whole
+        gated = gateify.convert(Stem(GuardedMixerBlock).eval(), example_input=x[:2])
+    assert list(gateify.gates(gated)) == ["blocks.0", "blocks.0.mixer.inner", "blocks.1", "blocks.1.mixer.inner"]
+    hidden = ["blocks.0.mixer.inner", "blocks.1.mixer.inner"]
+    with pytest.raises(gateify.GateConfigError, match=re.escape(f"gated blocks {hidden} sit inside other gated blocks "
+                                                                f"whose traced forward does not call them")
+                       + r".*leaf_modules=\['blocks.0.mixer.inner', 'blocks.1.mixer.inner'\]"):
+        gateify.route(gated, [{"blocks.0": False, "blocks.1": False}, {"blocks.1": False}])
+    with pytest.warns(gateify.GateifyWarning, match="'blocks.0.mixer'"):  # the remedy the message gives
+        gated = gateify.convert(Stem(GuardedMixerBlock).eval(), example_input=x[:2], leaf_modules=hidden)
+    assert list(gateify.gates(gated)) == ["blocks.0", "blocks.1"]
+    assert_routes_as_its_paths(gated, [{"blocks.0": False, "blocks.1": False}, {"blocks.1": False}], x)
+
+
+class Scaled(nn.Module):
+    """A block whose branch scale comes in as a keyword."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+
+    def forward(self, x, scale: float = 1.0):
+        return x + scale * self.conv(x)
+
+
+class KeywordNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b = Scaled(), Scaled()
+
+    def forward(self, x):
+        return self.b(self.a(self.stem(x), scale=0.5), scale=3.0).mean((2, 3))
+
+
+def test_routing_passes_blocks_their_keyword_arguments():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    gated = gateify.convert(KeywordNet().eval(), example_input=x[:2])
+    assert_routes_as_its_paths(gated, [{"a": False, "b": False}, {"b": False}], x)
