@@ -41,7 +41,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import timm
 import torch
@@ -530,7 +530,8 @@ def _refusal_kind(row: FamilyRow) -> str:
     return row.refused.split(":", 1)[0]
 
 
-def family_section(rows: list[FamilyRow], size: int, seconds: float) -> list[str]:
+def family_section(rows: list[FamilyRow], size: int, seconds: float, pending: Sequence[str] = ()) -> list[str]:
+    """The page's families section; ``pending``: the sweep's models not run yet (the page says it is partial)."""
     converted = [r for r in rows if not r.refused]
     passed = sum(r.ok for r in rows)
     counts = {c: sum(r.results.get(c) == "ok" for r in converted) for c in CHECKS}
@@ -566,6 +567,9 @@ def family_section(rows: list[FamilyRow], size: int, seconds: float) -> list[str
         f"converted models: dense {counts['dense']}, skip {counts['skip']}, FLOPs {counts['flops']}, save/load "
         f"{counts['io']}, export {counts['export']}. Refused: {refused_text}. {_environment()}. Sweep took "
         f"{seconds / 60:.0f} min (torch.export is most of it).",
+        *(["", f"**Partial sweep:** {len(rows)} of its {len(rows) + len(pending)} models, "
+               f"{len(families)} of its {len(set(families) | {family_of(n) for n in pending})} families so far; "
+               f"`--resume` runs the rest."] if pending else []),
         "",
         "Regenerate: `python scripts/compatibility.py --suite families --out docs/compatibility.md --resume` "
         "(results are kept in `runs/compatibility-families.jsonl` as each model finishes).",
@@ -697,7 +701,7 @@ def main() -> None:
 def write_page(args: argparse.Namespace, names: list[str], done: dict[str, Any], elapsed: float) -> None:
     rows = [done[n] for n in names if n in done]
     section = (resnet_section(rows, args.size, elapsed) if args.suite == "resnet"
-               else family_section(rows, args.size, elapsed))
+               else family_section(rows, args.size, elapsed, [n for n in names if n not in done]))
     write_section(Path(args.out), args.suite, section)
 
 
