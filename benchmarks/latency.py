@@ -289,7 +289,7 @@ def run_setting(s: Setting, args: argparse.Namespace, device: torch.device) -> l
         if s.batch == 1:  # the same blocks removed outright, exported as plain static models
             for variant in [v for v in masks if v != "open"]:
                 keep = {name: bool(k[0]) for name, k in zip(names, masks[variant])}
-                models[f"ideal-{variant}"] = gateify.set_static(copy.deepcopy(gated), keep)
+                models[f"ideal-{variant}"] = gateify.to_static(copy.deepcopy(gated), keep=keep)
                 executed[f"ideal-{variant}"] = costs.static_fraction(keep) * costs.dense_flops
         for key, m in models.items():
             run = _onnx_session(m, x, args.threads, folder / f"{key}.onnx", dynamic=False)
