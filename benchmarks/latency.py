@@ -1,6 +1,6 @@
 """Cost curves of real skipping: latency saved against FLOPs saved, and the price of a gate, by batch and depth.
 
-For each setting (model, input size, batch, eager or compiled, fp32 or bf16/fp16 autocast, NCHW or channels_last)
+For each setting (model, input size, batch, eager, compiled or onnxruntime, fp32 or bf16/fp16 autocast, NCHW or channels_last)
 the source model (``dense``) is timed, interleaved, against its converted model in hard mode with the decisions:
 
 * ``open``: every gate open (the controllers run, every branch runs): what a gate costs;
@@ -24,6 +24,7 @@ blocks removed outright; ``gate us`` = (open - dense) / number of gates, the pri
 
     python benchmarks/latency.py --json latency.json          # default grid, CPU, 2 threads; writes latency.png too
     python benchmarks/latency.py --cases resnet20:32:1 resnet50:224:32          # eager fp32, these cases only
+    python benchmarks/latency.py --cases resnet50:224:1 resnet50:224:8 --onnx   # hard gates in onnxruntime too
     python benchmarks/latency.py --grid curves --json curves.json   # 5 models x batch 1..256, eager and compiled
     python benchmarks/latency.py --device cuda --amp --channels-last --compile --json gpu.json
 """
@@ -67,7 +68,7 @@ class Setting:
     model: str
     input: int
     batch: int
-    mode: str = "eager"  # eager | compiled
+    mode: str = "eager"  # eager | compiled | onnx (onnxruntime on the CPU, the hard-gated model exported)
     precision: str = "fp32"  # fp32 | amp (bfloat16 autocast on a CPU, float16 on CUDA)
     layout: str = "nchw"  # nchw | nhwc (channels_last model and input)
 
@@ -275,6 +276,24 @@ def run_setting(s: Setting, args: argparse.Namespace, device: torch.device) -> l
 
             setups[variant], fns[variant] = setup, (lambda: compiled(x))
             executed[variant] = costs.fraction(keep_rates(variant)) * costs.dense_flops
+    elif s.mode == "onnx":  # each variant exported with its forced decisions (a gate is one ONNX If per block)
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="gateify-onnx-"))
+        feed = x.cpu().numpy()
+        models = {"dense": dense}
+        for variant in masks:
+            models[variant] = copy.deepcopy(gated)
+            force(models[variant], masks[variant])
+            executed[variant] = costs.fraction(keep_rates(variant)) * costs.dense_flops
+        if s.batch == 1:  # the same blocks removed outright, exported as plain static models
+            for variant in [v for v in masks if v != "open"]:
+                keep = {name: bool(k[0]) for name, k in zip(names, masks[variant])}
+                models[f"ideal-{variant}"] = gateify.to_static(copy.deepcopy(gated), keep=keep)
+                executed[f"ideal-{variant}"] = costs.static_fraction(keep) * costs.dense_flops
+        for key, m in models.items():
+            run = _onnx_session(m, x, args.threads, folder / f"{key}.onnx", dynamic=False)
+            fns[key] = lambda run=run: run(feed)
     else:
         fns["dense"] = lambda: dense(x)
         for variant in masks:
@@ -410,13 +429,16 @@ class _Exported(nn.Module):
         return self.segment(self.routed, h)[0]
 
 
-def _onnx_session(module: nn.Module, example: torch.Tensor, threads: int, path: Path) -> Callable[[torch.Tensor], object]:
+def _onnx_session(module: nn.Module, example: torch.Tensor, threads: int, path: Path,
+                  dynamic: bool = True) -> Callable[[torch.Tensor], object]:
+    """``module`` exported to ONNX (the dynamo exporter; batch dimension dynamic unless ``dynamic=False``) and run
+    in an onnxruntime CPU session with ``threads`` intra-op threads."""
     import onnxruntime
 
-    dim = torch.export.Dim("batch", min=1, max=1024)
+    shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, (example,), dynamic_shapes=({0: dim},), dynamo=True, verbose=False)
+        program = torch.onnx.export(module, (example,), dynamic_shapes=shapes, dynamo=True, verbose=False)
     program.save(str(path))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
@@ -604,7 +626,7 @@ def plot(curves: list[Curve], path: Path) -> bool:
 
 
 def parse_cases(cases: list[str], args: argparse.Namespace) -> list[Setting]:
-    modes = ["eager", "compiled"] if args.compile else ["eager"]
+    modes = ["eager"] + (["compiled"] if args.compile else []) + (["onnx"] if args.onnx else [])
     out = []
     for c in cases:
         model, size, batch = c.split(":")
@@ -630,6 +652,8 @@ def main() -> None:
                         help="MODEL:SIZE:BATCH instead of the grid, e.g. resnet20:32:128 (eager fp32 NCHW unless "
                              "--compile / --amp / --channels-last)")
     parser.add_argument("--compile", action="store_true", help="with --cases: also compiled (gateify.compile)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="with --cases: also each model exported to ONNX and run in onnxruntime (CPU, fp32)")
     parser.add_argument("--routed", action="store_true",
                         help="with --cases: routed models (eager, compiled, onnxruntime) instead of gates")
     parser.add_argument("--runtimes", default="eager,compiled,onnx",
@@ -646,6 +670,8 @@ def main() -> None:
     args = parser.parse_args()
     malloc = "glibc default" if args.default_malloc else ("glibc, reuse freed memory" if tune_malloc() else "default")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for chatty in ("onnx_ir", "onnxscript", "torch.onnx"):  # the exporter's passes log every step at INFO
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.cases:

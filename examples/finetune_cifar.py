@@ -94,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="routed: more executed FLOPs fractions to calibrate to and report, from the same model")
     train.add_argument("--self-distill", type=float, default=None,
                        help="routed: distillation of the cheaper paths from the deepest (default: the preset's)")
-    train.add_argument("--path-norms", action="store_true",
+    train.add_argument("--path-norms", action=argparse.BooleanOptionalAction, default=True,
                        help="routed: every deeper path keeps its own BatchNorm statistics after it departs "
-                            "(gateify.route(path_norms=True))")
+                            "(gateify.route(path_norms=...); default on: one shared mixture fits no path)")
     train.add_argument("--survivors", type=float, default=None, metavar="F",
                        help="routed: a deeper path learns from the fraction F of each batch the cheaper path is "
                             "least sure of (gateify.RouteLoss(survivors=F)); default: from every sample")

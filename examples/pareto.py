@@ -7,7 +7,7 @@ data:
 * ``static``: static depth pruning at each of --static-saved (FLOPs saved), fine-tuned as long: the static curve;
 * ``routed``: one run per --route-presets entry, each calibrated on the validation split to its target and to
   --route-targets (one trained model, several operating points); an entry may add options to the preset:
-  ``balanced:path_norms`` (gateify.route(path_norms=True)), ``balanced:survivors=0.5`` (RouteLoss(survivors=0.5));
+  ``balanced:path_norms=0`` (gateify.route(path_norms=False)), ``balanced:survivors=0.5`` (RouteLoss(survivors=0.5));
 * ``gated``: one run per --gated-presets (CosineGate controllers; none by default);
 * ``cascade``: two of the static models in a row, the deeper one only for the samples the cheaper one is unsure of
   (threshold on its top softmax probability chosen on the validation split), paying for both, nothing shared.
@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--static-saved", default="0.35,0.56,0.67,0.79", metavar="F,F,...",
                        help="FLOPs saved of the static pruning points (the static curve)")
     group.add_argument("--route-presets", default="balanced", metavar="NAME[:OPTION[=V]],...",
-                       help="routed runs, by gateify.ROUTE_PRESETS name, each with optional options: path_norms, "
-                            "survivors=F, self_distill=W (e.g. balanced,balanced:path_norms)")
+                       help="routed runs, by gateify.ROUTE_PRESETS name, each with optional options: path_norms=0 "
+                            "(one BatchNorm mixture for every path), survivors=F, self_distill=W (e.g. "
+                            "balanced,balanced:path_norms=0)")
     group.add_argument("--route-targets", default="0.35,0.45", metavar="F,F,...",
                        help="more executed FLOPs fractions to calibrate every routed run to")
     group.add_argument("--gated-presets", default="", metavar="NAME,...",
@@ -144,7 +145,7 @@ def run_seed(args: argparse.Namespace, seed: int, threads: int) -> list[dict[str
 
 
 def route_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"balanced:path_norms:survivors=0.5"`` -> ``("balanced", {"path_norms": True, "survivors": 0.5})``."""
+    """``"balanced:path_norms=0:survivors=0.5"`` -> ``("balanced", {"path_norms": False, "survivors": 0.5})``."""
     name, *options = spec.split(":")
     known = {"path_norms": bool, "survivors": float, "self_distill": float}
     out: dict[str, Any] = {}
@@ -152,7 +153,12 @@ def route_spec(spec: str) -> tuple[str, dict[str, Any]]:
         key, _, value = option.partition("=")
         if key not in known:
             raise finetune_cifar.gateify.GateifyError(f"routed option '{key}' in '{spec}' is not one of {list(known)}.")
-        out[key] = True if known[key] is bool else known[key](value)
+        if known[key] is bool:  # "path_norms" or "path_norms=1" / "path_norms=0"
+            if value not in ("", "0", "1"):
+                raise finetune_cifar.gateify.GateifyError(f"'{option}' in '{spec}': write {key}, {key}=1 or {key}=0.")
+            out[key] = value != "0"
+        else:
+            out[key] = known[key](value)
     return name, out
 
 

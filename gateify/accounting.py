@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -149,9 +150,43 @@ def _addmv_flops(self_shape: Any, mat_shape: Any, vec_shape: Any, out_shape: Any
     return 2 * mat_shape[0] * mat_shape[1]
 
 
-# a controller deciding for one sample runs its layers as addmv, which torch's counter leaves out; its pooling (mv
-# there, a mean otherwise) is not counted, like every pooling
-_CONTROLLER_FLOPS = {torch.ops.aten.addmv: _addmv_flops}
+def _cpu_attention_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """``softmax(Q K^T) V`` of ``(B, heads, L, E)`` queries against ``S`` keys: two batched matrix products,
+    ``2 B heads L S (E + Ev)``, as torch's counter counts its CUDA attention kernels."""
+    b, h, l, e = query_shape
+    s, ev = key_shape[-2], value_shape[-1]
+    return 2 * b * h * l * s * (e + ev)
+
+
+def _native_mha_flops(query_shape: Any, key_shape: Any, value_shape: Any, embed_dim: int, *args: Any,
+                      **kwargs: Any) -> int:
+    """``nn.MultiheadAttention``'s inference fast path (torchvision's ViT): the q, k, v and output projections,
+    ``2 E^2 (2 L + 2 S)`` per sample, and the attention itself, ``2 L S (E + E)``."""
+    b, l, _ = query_shape
+    s = key_shape[1]
+    return 2 * b * embed_dim * embed_dim * (2 * l + 2 * s) + 2 * b * l * s * 2 * embed_dim
+
+
+# a controller deciding for one sample runs its layers as addmv, and attention on a CPU runs as fused kernels: torch's
+# counter leaves them out. A controller's pooling (mv there, a mean otherwise) is not counted, like every pooling
+_EXTRA_FLOPS = {torch.ops.aten.addmv: _addmv_flops,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+                torch.ops.aten._native_multi_head_attention: _native_mha_flops}
+
+
+@contextmanager
+def _no_parameter_grads(model: nn.Module) -> Iterator[None]:
+    """Every parameter ``requires_grad=False`` inside, as it was after. Under ``no_grad`` a view of a parameter (the
+    class token or latent query that CaiT and attention-pool heads ``expand`` per batch) is a leaf that requires
+    grad without a grad accumulator, and the module tracker of torch's FLOP counter fails on it."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 class _Counter:
@@ -160,7 +195,7 @@ class _Counter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.gates = gates(model)
-        self.mode = FlopCounterMode(display=False, custom_mapping=_CONTROLLER_FLOPS)
+        self.mode = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
         self.branch = {name: 0 for name in self.gates}
         self.controller = {name: 0 for name in self.gates}
         self.kept = {name: 0.0 for name in self.gates}
@@ -185,7 +220,7 @@ class _Counter:
             handles += self._attribute(gate.scorer, self.controller, name)
         device = model_device(self.model)
         try:
-            with torch.no_grad(), self.mode, record_decisions(self.model):
+            with torch.no_grad(), _no_parameter_grads(self.model), self.mode, record_decisions(self.model):
                 for x in batches:
                     if routes is not None:
                         levels = routes(x.to(device)).levels.cpu()

@@ -10,10 +10,12 @@ every block has been rewritten, so a refusal leaves it as it was.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import time
 import warnings
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import fx, nn
@@ -31,8 +33,8 @@ from .gate import GateConfig, ResidualGate
 from .matching import is_addition, remove_dead_pure_nodes, split_residual
 from .models import input_shape
 from .modes import require_gates, restore_training_flags, training_flags
-from .rewrite import EXAMPLE_BATCH, ValueRecorder, gate_residual, inline_block
-from .tracing import TraceFailure, discover_blocks, trace_block, untraceable_message
+from .rewrite import EXAMPLE_BATCH, NotAResidual, UnskippableResidual, ValueRecorder, gate_residual, inline_block
+from .tracing import TraceFailure, discover_blocks, enclosing_module, join_path, trace_block, untraceable_message
 
 __all__ = ["convert", "to_dense", "to_static"]
 
@@ -67,28 +69,77 @@ def _example_input(model: nn.Module, example_input: Optional[torch.Tensor]) -> t
     return torch.randn(EXAMPLE_BATCH, *input_shape(model), generator=generator).to(device=device, dtype=dtype)
 
 
-def _capture_block_inputs(model: nn.Module, paths: Sequence[str], x: torch.Tensor) -> dict[str, tuple]:
-    """Each block's first positional inputs, in the order blocks ran: from an eval-mode run of ``model(x)``, then
-    for blocks that only run in training (``if self.training: ...``), from a train-mode run whose BatchNorm
-    statistics are restored after. Blocks neither run reaches are left out."""
-    seen: dict[str, tuple] = {}
+class _BlockCall(NamedTuple):
+    """A block's first call: its arguments in its forward's parameter order, and the parameters that were None."""
+
+    args: tuple
+    none: frozenset
+
+
+def _block_call(module: nn.Module, path: str, args: tuple, kwargs: dict) -> _BlockCall:
+    """A call's arguments in the order of ``module.forward``'s parameters, defaults filled in: the order of the
+    placeholders that tracing ``module`` gives (keyword-only parameters come after the positional ones there too).
+    Swin's ``self.attn(x, mask=mask)`` becomes ``(x, mask)``."""
+    signature = inspect.signature(module.forward)
+    variadic = [p.name for p in signature.parameters.values()
+                if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    if variadic and kwargs:
+        raise GateifyError(f"block '{path}' ({type(module).__name__}) is called with keyword arguments "
+                           f"{sorted(kwargs)} and its forward takes *{variadic[0]}, so gateify cannot tell which "
+                           f"traced input each keyword feeds. Pass leaf_modules=['{path}'] to call it as a whole "
+                           f"(ungated), or give its forward named parameters.")
+    if variadic:
+        return _BlockCall(args, frozenset())
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise GateifyError(f"block '{path}' ({type(module).__name__}) was called with arguments its forward "
+                           f"signature does not accept ({e}). Pass leaf_modules=['{path}'] to call it as a "
+                           f"whole (ungated).") from e
+    bound.apply_defaults()
+    return _BlockCall(tuple(bound.arguments.values()),
+                      frozenset(name for name, value in bound.arguments.items() if value is None))
+
+
+@contextmanager
+def _as_it_was(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` inside and get it back as it was: train/eval flags, BatchNorm statistics a train() run moved,
+    and buffers a module replaced (a cache such as ConViT's rel_indices that the first call fills)."""
+    flags = training_flags(model)
+    buffers = {name: (b, b.clone()) for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        restore_training_flags(model, flags)
+        with torch.no_grad():
+            for name, (tensor, value) in buffers.items():
+                tensor.copy_(value)
+                owner, _, attr = name.rpartition(".")
+                module = model.get_submodule(owner)
+                if module._buffers.get(attr) is not tensor:
+                    module._buffers[attr] = tensor
+
+
+def _capture_block_inputs(model: nn.Module, paths: Sequence[str], x: torch.Tensor) -> dict[str, _BlockCall]:
+    """Each block's first inputs, positional and keyword ones in its forward's parameter order, in the order blocks
+    ran: from an eval-mode run of ``model(x)``, then for blocks that only run in training (``if self.training:
+    ...``), from a train-mode run whose BatchNorm statistics are restored after. Blocks neither run reaches are
+    left out."""
+    seen: dict[str, _BlockCall] = {}
     handles = []
     for path in paths:
         def hook(module: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
-            if kwargs:
-                raise GateifyError(f"block '{path}' is called with keyword arguments {sorted(kwargs)}; gateify "
-                                   f"gates blocks called positionally. Pass leaf_modules=['{path}'] to skip it.")
-            seen.setdefault(path, args)
+            if path not in seen:
+                seen[path] = _block_call(module, path, args, kwargs)
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
-    flags = training_flags(model)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
     try:
-        for train in (False, True):
-            if train and set(seen) == set(paths):
-                break
-            model.train(train)
-            with torch.no_grad():
-                model(x)
+        with _as_it_was(model):
+            for train in (False, True):
+                if train and set(seen) == set(paths):
+                    break
+                model.train(train)
+                with torch.no_grad():
+                    model(x)
     except GateifyError:
         raise
     except Exception as e:
@@ -97,13 +148,30 @@ def _capture_block_inputs(model: nn.Module, paths: Sequence[str], x: torch.Tenso
             f"gateify runs the model once to learn block shapes: pass example_input=<a tensor the model accepts>."
         ) from e
     finally:
-        restore_training_flags(model, flags)
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
         for h in handles:
             h.remove()
     return seen
+
+
+def _execution_order(model: nn.Module, gates: Sequence[ResidualGate], x: torch.Tensor) -> list[ResidualGate]:
+    """``gates`` in the order an eval() run of the converted model calls them (a block's own residual can come after
+    a child block's: FastViT's token mixer); gates that run only in training follow, in block order."""
+    order: list[ResidualGate] = []
+    handles = [g.register_forward_pre_hook(lambda gate, args: order.append(gate)) for g in gates]
+    modes = [g.mode for g in gates]
+    try:
+        with _as_it_was(model), torch.no_grad():
+            for g in gates:
+                g.mode = "dense"
+            model.eval()
+            model(x)
+    finally:
+        for g, mode in zip(gates, modes):
+            g.mode = mode
+        for h in handles:
+            h.remove()
+    ran = list(dict.fromkeys(order))
+    return ran + [g for g in gates if g not in ran]
 
 
 def _leaf_args(leaf_modules: Sequence[Union[type, str]]) -> tuple[list[type], set[str]]:
@@ -142,9 +210,42 @@ def _no_residual_message(model: nn.Module) -> str:
             f"to skip; if your blocks are traced as leaves, check leaf_modules.")
 
 
-def _nested(paths: Sequence[str]) -> dict[str, str]:
-    """Inner block -> the converted block whose graph it lies in (its forward was traced into the outer one)."""
-    return {p: outer for p in paths for outer in paths if p != outer and p.startswith(outer + ".")}
+def _unskippable_message(unskippable: Mapping[str, str], refused: bool) -> str:
+    listed = "; ".join(f"'{p}': {why}" for p, why in unskippable.items())
+    head = ("found residual additions, but none whose branch can be skipped: " if refused
+            else "residual additions left ungated, as their branch cannot be skipped: ")
+    return (head + listed + ". Such a block runs as in the source model. Pass leaf_modules=[<the block>] to say "
+            "so and silence this.")
+
+
+def _opaque_message(model: nn.Module, failures: Mapping[str, str]) -> str:
+    by_class: dict[str, list[str]] = {}
+    for path in failures:
+        by_class.setdefault(type(model.get_submodule(path)).__name__, []).append(path)
+    listed = ", ".join(f"{cls} ({len(paths)}, e.g. '{paths[0]}')" for cls, paths in by_class.items())
+    return (f"timm calls {listed} as a whole (register_notrace_module), and their forward does not trace on its own "
+            f"either: a residual addition inside them, if any, is not gated. Pass leaf_modules=[{', '.join(by_class)}] "
+            f"to silence this.")
+
+
+def _branch_modules(path: str, gm: fx.GraphModule) -> set[str]:
+    """Model-level paths of the modules and tensors that the gates of block ``path`` run in their branches."""
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ResidualGate):
+            found |= {join_path(path, p.target) for p in node.args[2] if isinstance(p, fx.Node) and p.op == "get_attr"}
+    return found
+
+
+def _nested(branch_modules: Mapping[str, set[str]]) -> dict[str, str]:
+    """Converted block -> the converted block in whose residual branch it runs (skipping that one skips it too)."""
+    return {inner: outer for inner in branch_modules for outer, used in branch_modules.items() if inner != outer
+            and any(inner == m or inner.startswith(m + ".") for m in used)}
+
+
+def _outer_first(paths: Iterable[str]) -> list[str]:
+    """Parents before children: a child swapped into a parent that is replaced after would be lost."""
+    return sorted(paths, key=lambda p: p.count("."))
 
 
 def convert(
@@ -160,10 +261,13 @@ def convert(
     """Gate every residual block of ``model`` per sample; returns the converted model.
 
     Args:
-        model: any ResNet-like ``nn.Module`` (timm, torchvision, gateify's CIFAR zoo, your own) with real weights.
+        model: any residual network (timm or torchvision ResNet, ConvNeXt, ViT, Swin, MobileNet, EfficientNet,
+            gateify's CIFAR zoo, your own) with real weights. Each residual addition of a block is a gate: a
+            transformer block has two (attention, MLP; docs/method.md).
         config: a :class:`GateConfig`; or pass its fields as keywords (``gate="cir"``, ``hidden=16``, ...).
-        example_input: a tensor the model accepts, ``(B, C, H, W)``; default: ``pretrained_cfg['input_size']``
-            (else 3x224x224) with the first convolution's input channels.
+        example_input: a tensor the model accepts, ``(B, C, H, W)``; default: random, at the size the model was
+            built for (``img_size=``, see :func:`gateify.models.input_shape`), else ``pretrained_cfg['input_size']``
+            (else 3x224x224), with the first convolution's input channels.
         leaf_modules: classes or module paths that the tracer must call as a whole rather than trace through.
         autowrap_functions: functions the tracer must record as calls rather than trace through.
         inplace: modify ``model`` itself instead of a deep copy.
@@ -178,7 +282,8 @@ def convert(
         modules and the leaf-module remedy), NoResidualBlocksError, InputShapeError. The input model is left
         unchanged when any of these is raised. A ``GateifyWarning`` names what was left ungated and why: a module
         that cannot be traced but holds no block (it is called as a whole), a residual block nested inside
-        another's branch (it is skipped with its outer block), a block that the example input never reaches.
+        another's branch (it is skipped with its outer block), a block that the example input never reaches, a
+        residual addition whose branch cannot be skipped (ReXNet's channel-slice sum).
     """
     _check_convertible(model)
     if config is None:
@@ -189,49 +294,98 @@ def convert(
     start = time.perf_counter()
 
     work = model if inplace else copy.deepcopy(model)
-    candidates, failures = discover_blocks(work, leaf_types, leaf_names, autowrap_functions, is_addition)
+    candidates, failures, opaque = discover_blocks(work, leaf_types, leaf_names, autowrap_functions, is_addition)
     failures.pop("", None)  # the root is never replaced, so its own forward need not be traceable
+    opaque_failures = {p: failures.pop(p) for p in list(failures) if p in opaque}
     x = _example_input(work, example_input)
     block_inputs = _capture_block_inputs(work, [p for p in candidates if p], x)  # in call order
 
+    # Each block is called as a whole from the graph of a block around it (FastViT's token mixer, torchvision's
+    # encoder layers), so its residual additions are gated in its own graph and nowhere else
+    blocks = {p for p in candidates if p}
+    leaf_names |= blocks
     converted: dict[str, fx.GraphModule] = {}
     block_gates: dict[str, list[ResidualGate]] = {}
-    for path, args in block_inputs.items():
+    block_failures: dict[str, str] = {}  # blocks whose own forward could not be traced for gating
+    unskippable: dict[str, str] = {}  # residual additions that cannot be skipped, and why
+    for path, call in block_inputs.items():
         block = work.get_submodule(path)
         try:
-            block_graph = trace_block(block, path, leaf_types, leaf_names, autowrap_functions)
+            block_graph = trace_block(block, path, leaf_types, leaf_names, autowrap_functions, concrete_none=call.none)
         except TraceFailure as f:
-            failures[f.failed] = str(f)
+            block_failures[f.failed] = str(f)
             continue
         gm = fx.GraphModule(block, block_graph, class_name=f"Gated{type(block).__name__}")
         gm.meta["gateify_block_class"] = type(block).__name__  # survives deepcopy, unlike the class name
         flags = training_flags(gm)  # the block's own flags, per submodule (GraphModule shares the submodules)
         gm.eval()  # shape propagation must not touch BatchNorm running statistics
-        with torch.no_grad():
-            recorder = ValueRecorder(gm)
-            recorder.propagate(*args)
-        restore_training_flags(gm, flags)
+        try:
+            with torch.no_grad():
+                recorder = ValueRecorder(gm)
+                recorder.propagate(*call.args)
+        except Exception as e:  # the traced forward does not run on the block's own inputs
+            block_failures[path] = f"{type(block).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            continue
+        finally:
+            restore_training_flags(gm, flags)
         gm.training = block.training
         remove_dead_pure_nodes(gm.graph)
-        residuals = [(n, *split) for n in list(gm.graph.nodes) if (split := split_residual(n, gm)) is not None]
-        gated = [gate_residual(gm, add, shortcut, branch, config, path, recorder.values, primary=i == 0)
-                 for i, (add, shortcut, branch) in enumerate(residuals)]
+        child_blocks = [n for n in gm.graph.nodes if n.op == "call_module" and join_path(path, n.target) in blocks]
+        residuals: list[tuple[fx.Node, fx.Node, fx.Node]] = []
+        for n in list(gm.graph.nodes):
+            if enclosing_module(n):  # a submodule's addition is that submodule's (a block of its own, if any)
+                continue
+            split = split_residual(n, gm, earlier=[add for add, _, _ in residuals] + child_blocks)
+            if split is not None:
+                residuals.append((n, *split))
+        gated, replaced = [], {}  # an addition already gated -> its gate call (a later residual's shortcut)
+        for add, shortcut, branch in residuals:
+            try:
+                node = gate_residual(gm, add, replaced.get(shortcut, shortcut), replaced.get(branch, branch), config,
+                                     path, recorder.values, primary=not gated)
+            except NotAResidual as e:
+                _logger.debug("block '%s': %s is not gated: %s", path, add.name, e)
+                continue
+            except UnskippableResidual as e:
+                unskippable[path] = str(e)
+                continue
+            replaced[add] = node
+            gated.append(gm.get_submodule(node.target))
         if gated:
             gm.graph.lint()
             gm.recompile()
             converted[path], block_gates[path] = gm, gated
+    branch_modules = {path: _branch_modules(path, gm) for path, gm in converted.items()}
+
+    def in_a_branch(p: str) -> bool:
+        return any(p == m or p.startswith(m + ".") for used in branch_modules.values() for m in used)
+
+    # a block inside a converted block's branch is not gated on its own (see nested below): that it cannot be
+    # traced by itself (Swin's WindowAttention traces differently in train and eval) changes nothing
+    failures.update({p: why for p, why in block_failures.items() if not in_a_branch(p)})
+    unskippable = {p: why for p, why in unskippable.items() if not in_a_branch(p)}
     if not converted:
         if failures:
             raise UntraceableModelError(untraceable_message(failures))
+        if unskippable:
+            raise NoResidualBlocksError(_unskippable_message(unskippable, refused=True))
         raise NoResidualBlocksError(_no_residual_message(model))
     notes = []
-    nested = _nested(list(converted))
-    for inner, outer in nested.items():  # the outer block's graph calls the inner block's layers directly
+    nested = _nested(branch_modules)
+    for inner in nested:  # the outer gate's branch runs the inner block as it was
         del converted[inner], block_gates[inner]
-        notes.append(f"'{inner}' is a residual block inside the branch of '{outer}': it is not gated on its own "
-                     f"(skipping '{outer}' skips it too). Pass leaf_modules=['{inner}'] to keep the outer gate "
-                     f"and silence this.")
-    unreached = [p for p in candidates if p and p not in block_inputs and not any(p.startswith(o + ".") for o in converted)]
+    if nested:
+        pairs = list(nested.items())
+        listed = "; ".join(f"'{inner}' is a residual block inside the branch of '{outer}'"
+                           for inner, outer in pairs[:3])
+        more = f" (and {len(pairs) - 3} more)" if len(pairs) > 3 else ""
+        inner, outer = pairs[0]
+        notes.append(f"{listed}{more}: such a block is not gated on its own (skipping '{outer}' skips it too). Pass "
+                     f"leaf_modules=['{inner}', ...] to keep the outer gates and silence this.")
+    if unskippable:
+        notes.append(_unskippable_message(unskippable, refused=False))
+    unreached = [p for p in candidates if p and p not in block_inputs and not in_a_branch(p)
+                 and not any(p.startswith(o + ".") for o in converted)]
     if unreached:
         notes.append(f"blocks {unreached} perform an addition but neither an eval() nor a train() run of the model "
                      f"on the example input of shape {tuple(x.shape)} reached them, so they are not gated; pass an "
@@ -239,12 +393,15 @@ def convert(
     if failures:
         notes.append("some modules were called as a whole instead of traced through; a residual addition in their "
                      "own forward, if any, is not gated. " + untraceable_message(failures))
+    opaque_failures = {p: why for p, why in opaque_failures.items() if not in_a_branch(p)}
+    if opaque_failures:
+        notes.append(_opaque_message(work, opaque_failures))
     for note in notes:
         warnings.warn(GateifyWarning(note), stacklevel=2)
 
-    for path, gm in converted.items():  # only now is anything swapped in: a failure above changes nothing
-        work.set_submodule(path, gm)
-    for i, gate in enumerate(g for gated in block_gates.values() for g in gated):
+    for path in _outer_first(converted):  # only now is anything swapped in: a failure above changes nothing
+        work.set_submodule(path, converted[path])
+    for i, gate in enumerate(_execution_order(work, [g for gated in block_gates.values() for g in gated], x)):
         gate.index = i
     _logger.info("gated %d residual blocks in %.2fs", len(block_gates), time.perf_counter() - start)
     return work
@@ -260,8 +417,8 @@ def _replace_gated_blocks(model: nn.Module, keep: Callable[[str, ResidualGate], 
         block, _, attr = paths[gate].rpartition(".")
         blocks.setdefault(block, {})[attr] = keep(name, gate)
     plain = {block: inline_block(work.get_submodule(block), decisions) for block, decisions in blocks.items()}
-    for block, module in plain.items():  # all built first: a failure above leaves the model as it was
-        work.set_submodule(block, module)
+    for block in _outer_first(plain):  # all built first: a failure above leaves the model as it was
+        work.set_submodule(block, plain[block])
     return work
 
 

@@ -213,11 +213,16 @@ class Controller(nn.Module):
     Four kernels, no module calls: pool, linear + in-place ReLU, linear. A float32 sample alone (batch 1, eager) is
     pooled by a matrix-vector product on a view of it instead of a reduction, and its layers are ``addmv``: several
     microseconds cheaper per block on a CPU; its logit equals the batched one to float32 rounding.
+
+    ``channel_dim`` is the input's channel axis: 1 for ``(B, C, H, W)``; -1 for channels-last activations, the
+    ``(B, N, C)`` tokens of a ViT or the ``(B, H, W, C)`` maps of a Swin (``gateify.convert`` sets it per block),
+    which are pooled over tokens or positions the same way, through a ``(B, C, ...)`` view.
     """
 
     #: the decision is known before the branch runs, so a skipped sample costs no branch compute
     decides_from_input = True
     attr = "controller"
+    channel_dim: int = 1
 
     def __init__(self, channels: int, config: GateConfig) -> None:
         super().__init__()
@@ -234,6 +239,8 @@ class Controller(nn.Module):
         return self._logit(x)
 
     def _logit(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_dim != 1:
+            x = x.movedim(self.channel_dim, 1)  # (B, ..., C) -> a (B, C, ...) view
         # the parameter dicts directly: nn.Module.__getattr__ costs ~0.7 us a lookup on a CPU, and this made 8
         p1, p2 = self._modules["fc1"]._parameters, self._modules["fc2"]._parameters
         w1, b1, w2, b2 = p1.get("weight"), p1.get("bias"), p2.get("weight"), p2.get("bias")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from typing import Any, Collection, Mapping, Optional, Union
 
 import torch
@@ -91,6 +92,9 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, architecture: Optio
         "routing": json.dumps(routing_metadata(module) if routed else None),
     }
     state = module.state_dict()
+    versions = _module_versions(state)
+    if versions:
+        metadata["module_versions"] = json.dumps(versions)
     storages: dict[tuple, str] = {}
     for key, tensor in state.items():
         ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
@@ -261,7 +265,8 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
                                    f"cannot build ({type(e).__name__}: {e}); build it yourself and pass it: "
                                    f"gateify.load('{path}', model=...).") from e
     if routing:
-        return _load_routed(path, tensors, routing, arch, config, model, convert_kwargs)
+        versions = _json_field(path, metadata, "module_versions")
+        return _load_routed(path, tensors, routing, arch, config, model, convert_kwargs, versions)
     if is_routed(model):
         raise WeightsFileError(f"'{path}' holds a model that does not route, and the model passed routes; pass the "
                                f"model the file was written from (plain or converted).")
@@ -279,7 +284,7 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
     if unknown or set(modes) != set(gates(target)):
         raise WeightsFileError(f"'{path}' lists gates {sorted(modes)} with modes {sorted(unknown) or 'ok'}, but the "
                                f"model has gates {list(gates(target))}.")
-    target.load_state_dict(tensors, strict=True)
+    target.load_state_dict(_versioned(target, tensors, _json_field(path, metadata, "module_versions")), strict=True)
     for name, gate in gates(target).items():
         gate.mode = modes[name]["mode"]
         gate.tau = float(modes[name].get("tau", gate.tau))  # absent in files written before they were stored
@@ -288,7 +293,8 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
 
 
 def _load_routed(path: str, tensors: dict[str, torch.Tensor], routing: Mapping[str, Any], arch: Optional[dict],
-                 config: Optional[dict], model: nn.Module, convert_kwargs: Mapping[str, Any]) -> RoutedModel:
+                 config: Optional[dict], model: nn.Module, convert_kwargs: Mapping[str, Any],
+                 versions: Optional[Mapping[str, int]]) -> RoutedModel:
     """A routed file into ``model``: rebuilt and routed with the file's paths, or checked against them if it routes."""
     removed = [sorted(p) for p in routing.get("paths", [])]
     if is_routed(model):
@@ -307,7 +313,7 @@ def _load_routed(path: str, tensors: dict[str, torch.Tensor], routing: Mapping[s
     hint = (f"The file was saved from {_describe(arch)}, the model passed is {_describe(theirs)}."
             if arch and theirs and arch != theirs else "")
     check_fits(target, tensors, path, hint=hint)
-    target.load_state_dict(tensors, strict=True)
+    target.load_state_dict(_versioned(target, tensors, versions), strict=True)
     return target
 
 
@@ -327,6 +333,26 @@ def _routed_from_format_2(tensors: dict[str, torch.Tensor], modes: Mapping[str, 
         thresholds.append(tensors[f"{prefixes[depart]}threshold_bits"].reshape(()))
     out = {f"network.{k}": v for k, v in tensors.items() if not any(k.startswith(p) for p in prefixes.values())}
     out["threshold_bits"] = torch.stack(thresholds) if thresholds else torch.zeros(0, dtype=torch.int32)
+    return out
+
+
+def _module_versions(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """``{module prefix: _version}`` of a state dict, as ``state_dict()`` records them in ``_metadata``."""
+    meta = getattr(state, "_metadata", None) or {}
+    return {prefix: m["version"] for prefix, m in meta.items() if isinstance(m, dict) and m.get("version") is not None}
+
+
+def _versioned(model: nn.Module, tensors: Mapping[str, torch.Tensor],
+               versions: Optional[Mapping[str, int]]) -> "OrderedDict[str, torch.Tensor]":
+    """``tensors`` as a state dict with per-module versions, which safetensors does not keep: the file's own where
+    :func:`save` wrote them, else the model's (a layout this library builds today). A module whose
+    ``_load_from_state_dict`` reads its version (torchvision's MNASNet) refuses a state dict without."""
+    out = OrderedDict(tensors)
+    own = getattr(model.state_dict(), "_metadata", None)
+    meta = OrderedDict((prefix, dict(m)) for prefix, m in own.items()) if own is not None else OrderedDict()
+    for prefix, version in (versions or {}).items():
+        meta.setdefault(prefix, {})["version"] = version
+    out._metadata = meta  # type: ignore[attr-defined]
     return out
 
 
@@ -365,13 +391,15 @@ def load_dense(model: nn.Module, weights: Union[str, os.PathLike, Mapping[str, t
     metadata: dict[str, str] = {}
     if isinstance(weights, Mapping):
         tensors, where = dict(weights), "the state dict"
+        versions = _module_versions(weights)
     else:
         tensors, metadata = read_safetensors(weights)
         where = os.fspath(weights)
+        versions = _json_field(where, metadata, "module_versions")
     inserted = _gate_keys(model)
     tensors = {k: v for k, v in tensors.items() if k not in inserted}
     hint = (f"'{where}' was written by gateify.save: load it with gateify.load('{where}') instead."
             if is_gateify_file(metadata) and not inserted else "")
     check_fits(model, tensors, where, may_lack=inserted, hint=hint)
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict(_versioned(model, tensors, versions), strict=False)
     return model

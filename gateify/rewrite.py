@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import GateifyError
 from .gate import GateConfig, ResidualGate
-from .matching import ancestors, branch_nodes, tensor_shape
+from .matching import ancestors, branch_nodes, is_heavy, tensor_shape
 
-__all__ = ["call_module", "gate_residual", "inline_block", "ResidualBranch", "ValueRecorder", "EXAMPLE_BATCH"]
+__all__ = ["call_module", "channel_dim", "gate_residual", "NotAResidual", "UnskippableResidual", "inline_block",
+           "ResidualBranch", "ValueRecorder", "EXAMPLE_BATCH"]
 
 EXAMPLE_BATCH = 2  # the example input's batch; shapes tracking it mark batched tensors
+
+
+class NotAResidual(GateifyError):
+    """The addition's branch output is read elsewhere too (EdgeNeXt's and Res2Net's hierarchical sums over channel
+    splits): it is no skip connection, and is left as it is."""
+
+
+class UnskippableResidual(GateifyError):
+    """A residual addition whose branch cannot be skipped per sample; the message says why."""
 
 
 def call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -83,30 +94,128 @@ def _owned(node: fx.Node, values: Mapping[fx.Node, Any]) -> bool:
                    for n, v in values.items() if n is not node)
 
 
+# layers whose channel axis is fixed: 1 for convolutions and batch/group/instance norms, -1 for linear layers and
+# layer norms (they act on the last dimension of (B, N, C) tokens or (B, H, W, C) maps)
+_CHANNELS_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                           nn.modules.instancenorm._InstanceNorm)
+_CHANNELS_LAST_MODULES = (nn.Linear, nn.LayerNorm, nn.RMSNorm)
+_CHANNELS_FIRST_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, F.batch_norm,
+                             F.group_norm, F.instance_norm)
+_CHANNELS_LAST_FUNCTIONS = (F.linear, F.layer_norm, F.rms_norm)
+
+
+def _layer_channel_dim(node: fx.Node, root: nn.Module) -> Optional[int]:
+    """The axis of its input that ``node``'s layer reads as channels (1 or -1), ``None`` for other nodes."""
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        if isinstance(module, _CHANNELS_FIRST_MODULES):
+            return 1
+        if isinstance(module, _CHANNELS_LAST_MODULES):
+            return -1
+    elif node.op == "call_function":
+        if node.target in _CHANNELS_FIRST_FUNCTIONS:
+            return 1
+        if node.target in _CHANNELS_LAST_FUNCTIONS:
+            return -1
+    return None
+
+
+def channel_dim(x: fx.Node, nodes: Sequence[fx.Node], root: nn.Module) -> int:
+    """The channel axis of the branch input ``x``: 1 (``(B, C, H, W)``, ``(B, C, L)``) or -1 (``(B, N, C)`` tokens,
+    ``(B, H, W, C)`` maps), as the first layer of the branch that reads ``x`` (through any reshaping) sees it.
+
+    That layer's channel count ``c`` is matched against ``x``'s second and last sizes; where both or neither match
+    (a 4x4 map of 4 channels), the layer's own axis decides when it reads ``x`` itself, else axis 1 (the ResNet
+    case). A layer-norm reached through a permute (timm's ``LayerNorm2d``) thus gives axis 1 for an NCHW input."""
+    shape = tensor_shape(x)
+    if shape is None or len(shape) <= 2:
+        return 1
+    reached = {x}
+    for n in nodes:
+        if not any(i in reached for i in n.all_input_nodes):
+            continue
+        reached.add(n)
+        axis = _layer_channel_dim(n, root)
+        data = n.args[0] if n.args else None
+        data_shape = tensor_shape(data) if isinstance(data, fx.Node) else None
+        if axis is None or data_shape is None or len(data_shape) < 2:
+            continue
+        c = data_shape[axis]
+        first, last = shape[1] == c, shape[-1] == c
+        if first != last:
+            return 1 if first else -1
+        return axis if data is x else 1
+    return 1
+
+
+_SHAPE_FUNCTIONS = (getattr, operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
+                    operator.truediv, operator.mod, operator.neg)
+_SHAPE_METHODS = ("size", "dim", "numel")
+
+
+def _shape_arithmetic(node: fx.Node, values: Mapping[fx.Node, Any]) -> Optional[set[fx.Node]]:
+    """``node`` and the nodes it is computed from, if it is arithmetic on tensor shapes (``B, H, W, C = x.shape``,
+    ``H // 2``) down to the tensors themselves; else ``None``."""
+    if node not in values or isinstance(values[node], torch.Tensor):
+        return None
+    if node.op == "call_function" and node.target in _SHAPE_FUNCTIONS:
+        if node.target is getattr and node.args[1] != "shape":
+            return None
+    elif not (node.op == "call_method" and node.target in _SHAPE_METHODS):
+        return None
+    cone = {node}
+    for inp in node.all_input_nodes:
+        if isinstance(values.get(inp), torch.Tensor):
+            continue  # the tensor whose shape is read
+        inner = _shape_arithmetic(inp, values)
+        if inner is None:
+            return None
+        cone |= inner
+    return cone
+
+
 def gate_residual(gm: fx.GraphModule, add: fx.Node, shortcut: fx.Node, branch: fx.Node,
-                   config: GateConfig, block_path: str, values: Mapping[fx.Node, Any], primary: bool) -> ResidualGate:
-    """Move the branch of ``add`` into a gate and replace ``add`` by the gate call, in place."""
+                   config: GateConfig, block_path: str, values: Mapping[fx.Node, Any], primary: bool) -> fx.Node:
+    """Move the branch of ``add`` into a gate and replace ``add`` by the gate call, in place; returns that call."""
     graph = gm.graph
     nodes = branch_nodes(branch, shortcut, add)
     if branch not in nodes:
-        raise GateifyError(f"block '{block_path}': the residual branch output is also used outside the addition, "
-                           f"so it cannot be skipped; pass leaf_modules=['{block_path}'] to leave this block alone.")
-    inside = set(nodes)
-    inputs: list[fx.Node] = []
-    params: list[fx.Node | str] = []  # get_attr nodes of the block, or submodule targets to fetch
+        raise NotAResidual(f"the output of its branch '{branch.name}' is also read outside the addition")
+    if not any(is_heavy(n, gm) for n in nodes):
+        raise UnskippableResidual(
+            f"the layers of its branch also compute what the block keeps besides the sum (ReXNet adds the shortcut "
+            f"to a slice of the channels and concatenates the rest), so skipping the addition would skip nothing")
+    # Shapes the branch reads from outside it (MaxViT takes B, H, W, C = x.shape before asserting on H and W) are
+    # computed again inside the branch, from the tensors they describe: on a gathered sub-batch, B is its own size
+    shapes: set[fx.Node] = set()
     for n in nodes:
         for inp in n.all_input_nodes:
+            if inp not in nodes:
+                shapes |= _shape_arithmetic(inp, values) or set()
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    copied = sorted(set(nodes) | shapes, key=order.__getitem__)  # the branch graph's nodes
+    inside = set(copied)
+    inputs: list[fx.Node] = []
+    # get_attr nodes of the block, submodule targets to fetch, and values that are no tensor (ViT's attn_mask=None,
+    # is_causal=False): the same for every sample, so never gathered, and no operand of export's torch.cond
+    params: list[fx.Node | str] = []
+    for n in copied:
+        for inp in n.all_input_nodes:
             if inp not in inside:
-                bucket = params if inp.op == "get_attr" else inputs
+                constant = inp in values and not isinstance(values[inp], torch.Tensor)
+                bucket = params if inp.op == "get_attr" or constant else inputs
                 if inp not in bucket:
                     bucket.append(inp)
         if n.op == "call_module" and n.target not in params:
             params.append(n.target)
     batched = [_batched(n, EXAMPLE_BATCH) for n in inputs]
-    ctrl_index = next((i for i, (n, b) in enumerate(zip(inputs, batched)) if b and len(tensor_shape(n)) >= 2), None)
+    # the controller reads the richest batched input: CaiT's class-attention branch reads the class token (the same
+    # for every sample in the first such block) and the patch tokens
+    candidates = [i for i, (n, b) in enumerate(zip(inputs, batched)) if b and len(tensor_shape(n)) >= 2]
+    ctrl_index = max(candidates, key=lambda i: tensor_shape(inputs[i]).numel(), default=None)
     if ctrl_index is None:
-        raise GateifyError(f"block '{block_path}': the residual branch reads no batched (B, C, ...) tensor, "
-                           f"so no per-sample decision can be made; pass leaf_modules=['{block_path}'].")
+        raise UnskippableResidual("its branch reads no tensor whose first dimension is the model's batch (MobileViT "
+                                  "folds image patches into it), so no per-sample decision can be made")
 
     # the branch as a stateless graph: inputs first, then the block's modules/tensors it uses
     sub = fx.Graph()
@@ -115,13 +224,14 @@ def gate_residual(gm: fx.GraphModule, add: fx.Node, shortcut: fx.Node, branch: f
         env[n] = sub.placeholder(f"x{i}" if i else "x")
     module_args: dict[str, fx.Node] = {}
     for p in params:
-        name = (p.target if isinstance(p, fx.Node) else p).replace(".", "_")
+        name = p if isinstance(p, str) else p.target if p.op == "get_attr" else p.name
+        name = name.replace(".", "_")
         ph = sub.placeholder(f"p_{name}")
         if isinstance(p, fx.Node):
             env[p] = ph
         else:
             module_args[p] = ph
-    for n in nodes:
+    for n in copied:
         if n.op == "call_module":
             args = fx.node.map_arg(n.args, env.__getitem__)
             kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
@@ -132,8 +242,10 @@ def gate_residual(gm: fx.GraphModule, add: fx.Node, shortcut: fx.Node, branch: f
     sub.output(env[branch])
     branch_gm = ResidualBranch(nn.Module(), sub, class_name="ResidualBranch")
 
-    channels = tensor_shape(inputs[ctrl_index])[1]
-    gate = ResidualGate(branch_gm, channels, batched, config, ctrl_index)
+    dim = channel_dim(inputs[ctrl_index], copied, gm)
+    gate = ResidualGate(branch_gm, tensor_shape(inputs[ctrl_index])[dim], batched, config, ctrl_index)
+    if dim != 1 and hasattr(gate.scorer, "channel_dim"):  # a controller pools over tokens, reads channels
+        gate.scorer.channel_dim = dim
     gate.owns_shortcut = _owned(shortcut, values)
     gate.primary = primary
     name = _unique_attr(gm, "gate")
@@ -146,7 +258,7 @@ def gate_residual(gm: fx.GraphModule, add: fx.Node, shortcut: fx.Node, branch: f
     graph.erase_node(add)
     for n in reversed(nodes):
         graph.erase_node(n)
-    return gate
+    return gate_node
 
 
 def inline_block(gm: fx.GraphModule, keep: Mapping[str, bool]) -> fx.GraphModule:

@@ -22,6 +22,7 @@ segments, as torchvision's feature extraction keeps a train and an eval graph.
 
 from __future__ import annotations
 
+import inspect
 import linecache
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -33,7 +34,7 @@ from .errors import GateConfigError
 from .modes import restore_training_flags, training_flags
 from .tracing import GateifyTracer
 
-__all__ = ["Segment", "RoutePlan", "plan_routes", "trace_network", "trace_modes"]
+__all__ = ["Segment", "RoutePlan", "plan_routes", "trace_network", "trace_modes", "inline_graph"]
 
 
 class Segment:
@@ -109,7 +110,7 @@ def trace_network(network: nn.Module, blocks: Iterable[str], leaf_modules: Seque
     names = set(blocks) | {m for m in leaf_modules if isinstance(m, str)}
     tracer = GateifyTracer(types, names, autowrap_functions)
     try:
-        graph = tracer.trace(network)
+        graph = tracer.trace(network, concrete_args=_defaults_after_input(network) or None)
     except Exception as e:
         where = tracer.failed_module
         inside = f" (inside '{where[0]}', a {where[1]})" if where and where[0] else ""
@@ -135,15 +136,38 @@ def trace_network(network: nn.Module, blocks: Iterable[str], leaf_modules: Seque
     return graph
 
 
-def _inline(graph: fx.Graph, block: fx.Graph, prefix: str, args: Sequence[Any]) -> Any:
-    """Copy ``block`` (targets relative to the block) into ``graph`` with targets under ``prefix``; returns its output."""
+def _defaults_after_input(network: nn.Module) -> dict[str, Any]:
+    """``{parameter: default}`` for the parameters of ``network.forward`` after the image batch.
+
+    A routed model calls its network with the batch alone (as :func:`gateify.convert` did), so the rest take their
+    defaults: traced as such, a forward's ``if attn_mask is not None:`` takes the branch it takes then, and no such
+    value reaches a segment as an input (timm's ViT takes ``attn_mask=None``)."""
+    params = [p for p in inspect.signature(network.forward).parameters.values()
+              if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    return {p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty}
+
+
+def inline_graph(graph: fx.Graph, block: fx.Graph, prefix: str, args: Sequence[Any],
+                 kwargs: Optional[Mapping[str, Any]] = None) -> Any:
+    """Copy ``block`` (targets relative to the block) into ``graph`` with targets under ``prefix``; returns its output.
+
+    ``args`` and ``kwargs`` are the call's (``blocks.0(x, attn_mask=None)``): keywords are matched to the block
+    graph's placeholders by name, and the placeholders left over take their defaults."""
     local: dict[fx.Node, Any] = {}
     placeholders = [n for n in block.nodes if n.op == "placeholder"]
+    kwargs = dict(kwargs or {})
     if len(args) > len(placeholders):
         raise GateConfigError(f"block '{prefix}' takes {len(placeholders)} inputs but is called with {len(args)}.")
+    unknown = set(kwargs) - {p.target for p in placeholders[len(args):]}
+    if unknown:
+        raise GateConfigError(f"block '{prefix}' is called with keywords {sorted(unknown)} that its traced forward "
+                              f"does not take as such, so routing cannot inline it; convert with "
+                              f"leaf_modules=['{prefix}'] to leave it ungated, then route.")
     for i, p in enumerate(placeholders):
         if i < len(args):
             local[p] = args[i]
+        elif p.target in kwargs:
+            local[p] = kwargs[p.target]
         elif p.args:  # a default value
             local[p] = p.args[0]
         else:
@@ -224,9 +248,9 @@ def plan_routes(root: nn.Module, top: fx.Graph, prefixes: Sequence[str], block_g
         for n in nodes[starts[k]:]:
             if n.op in ("placeholder", "output"):
                 continue
-            args = fx.node.map_arg(n.args, env.__getitem__)
             if n.op == "call_module" and n.target in block_graphs[k]:
-                env[n] = _inline(graph, block_graphs[k][n.target], qualified(n.target), args)
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+                env[n] = inline_graph(graph, block_graphs[k][n.target], qualified(n.target), args, kwargs)
             else:
                 env[n] = graph.node_copy(n, env.__getitem__)
                 if n.op in ("call_module", "get_attr"):

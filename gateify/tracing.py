@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Collection, Iterable, Optional, Sequence
 
 from torch import fx, nn
 
@@ -42,6 +42,16 @@ def _default_leaf_types() -> tuple[type, ...]:
     except ImportError:
         pass
     return tuple(types)
+
+
+def _notrace_types() -> tuple[type, ...]:
+    """timm's ``register_notrace_module`` classes: called as a whole, but possibly blocks themselves."""
+    try:
+        from timm.layers import get_notrace_modules
+
+        return tuple(t for t in get_notrace_modules() if t is not ResidualGate)
+    except ImportError:
+        return ()
 
 
 def _default_autowrap() -> tuple[Callable, ...]:
@@ -96,16 +106,29 @@ def join_path(*parts: str) -> str:
 
 
 def trace_module(module: nn.Module, prefix: str, leaf_types: Sequence[type], leaf_names: Iterable[str],
-                 autowrap_functions: Sequence[Callable]) -> fx.Graph:
-    """Trace ``module`` (found at ``prefix`` in the model); ``leaf_names`` are model-level paths."""
+                 autowrap_functions: Sequence[Callable], concrete_none: Collection[str] = ()) -> fx.Graph:
+    """Trace ``module`` (found at ``prefix`` in the model); ``leaf_names`` are model-level paths.
+
+    ``concrete_none``: forward parameters traced as the ``None`` they were called with (``mask=None``), so that
+    ``if mask is not None:`` takes the branch it took; the graph asserts they are None when it runs, and keeps their
+    names, so keyword calls still work.
+    """
     cut = len(prefix) + 1 if prefix else 0
     local = [n[cut:] for n in leaf_names if not prefix or n.startswith(prefix + ".")]
     tracer = GateifyTracer(leaf_types, local, autowrap_functions)
     try:
-        graph = tracer.trace(module)
+        graph = tracer.trace(module, concrete_args={name: None for name in concrete_none} or None)
     except Exception as e:
         path, cls = tracer.failed_module or ("", type(module).__name__)
         raise TraceFailure(join_path(prefix, path), cls, e) from e
+    if concrete_none:  # fx renames a specialised parameter (mask -> mask_1): give it its name back
+        params = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        taken = {n.name for n in graph.nodes}
+        for param, node in zip(params, placeholders):
+            if param.name in concrete_none and node.target != param.name and param.name not in taken:
+                node.target = node.name = param.name
     for node in graph.nodes:
         # a forward written under ``from __future__ import annotations`` has string annotations; fx writes them into
         # the generated code as undefined names ('torch.Tensor' -> _torch_Tensor_), which TorchScript then rejects
@@ -136,22 +159,36 @@ def enclosing_module(node: fx.Node) -> str:
 
 def discover_blocks(model: nn.Module, leaf_types: Sequence[type], leaf_names: set[str],
                     autowrap_functions: Sequence[Callable],
-                    is_addition: Callable[[fx.Node], bool]) -> tuple[list[str], dict[str, str]]:
-    """Paths of the modules whose own forward performs an addition, and the modules that could not be traced.
+                    is_addition: Callable[[fx.Node], bool]) -> tuple[list[str], dict[str, str], set[str]]:
+    """Paths of the modules whose own forward performs an addition, the modules that could not be traced (and why),
+    and the modules timm registers as not traceable that were looked into.
 
     Every module is traced in eval and in train mode (``if self.training: x = self.extra(x)`` reaches a block in one
     of them only). A module that fails to trace is called as a whole (a leaf) where it is used, and traced on its
-    own; if its own forward fails, its children are traced one by one. ``leaf_names`` gains the modules made leaves.
+    own; if its own forward fails, its children are traced one by one. ``leaf_names`` gains the modules made leaves;
+    the modules it names on entry (the caller's ``leaf_modules``) are never looked into, wherever they sit.
+    Modules timm registers as not traceable (``NormFreeBlock``, ``TinyVitBlock``) stay leaves where they are used
+    and are looked into the same way (a block among them is gated in its own graph).
     """
     found: list[str] = []
     failures: dict[str, str] = {}
-    todo = [""]
+    opaque: set[str] = set()
+    notrace = _notrace_types()
+    todo, seen = [""], {""}
+    named_leaves = set(leaf_names)
     flags = training_flags(model)
     try:
         while todo:
             path = todo.pop(0)
+            if path in named_leaves:  # inside a module that failed to trace: still a leaf, as the caller said
+                continue
             module = model.get_submodule(path)
             graphs = []
+            if type(module).forward is nn.Module.forward:  # a container without forward (ModuleList): look inside
+                children = [join_path(path, name) for name, _ in module.named_children()]
+                todo.extend(c for c in children if c not in seen)
+                seen.update(children)
+                continue
             for train in (False, True):
                 module.train(train)
                 while True:
@@ -161,16 +198,29 @@ def discover_blocks(model: nn.Module, leaf_types: Sequence[type], leaf_names: se
                         failures[f.failed] = str(f)
                         if f.failed != path:  # a submodule: call it as a whole here, look inside it on its own
                             leaf_names.add(f.failed)
-                            todo.append(f.failed)
+                            if f.failed not in seen:
+                                seen.add(f.failed)
+                                todo.append(f.failed)
                             continue
                     break
             if not graphs:  # its own forward: look for blocks among its children
-                todo.extend(join_path(path, name) for name, _ in module.named_children())
+                children = [join_path(path, name) for name, _ in module.named_children()]
+                todo.extend(c for c in children if c not in seen)
+                seen.update(children)
                 continue
             found += [join_path(path, enclosing_module(n)) for g in graphs for n in g.nodes if is_addition(n)]
+            for g in graphs:
+                for n in g.nodes:
+                    target = join_path(path, n.target) if n.op == "call_module" else None
+                    if target and target not in seen and target not in leaf_names and isinstance(
+                            model.get_submodule(target), notrace) and not isinstance(model.get_submodule(target),
+                                                                                      tuple(leaf_types)):
+                        seen.add(target)  # timm calls it as a whole (NormFreeBlock): look into it on its own
+                        opaque.add(target)
+                        todo.append(target)
     finally:
         restore_training_flags(model, flags)
-    return list(dict.fromkeys(found)), failures
+    return list(dict.fromkeys(found)), failures, opaque
 
 
 def _signature(node: fx.Node) -> tuple:
@@ -179,11 +229,12 @@ def _signature(node: fx.Node) -> tuple:
 
 
 def trace_block(block: nn.Module, path: str, leaf_types: Sequence[type], leaf_names: set[str],
-                autowrap_functions: Sequence[Callable]) -> fx.Graph:
+                autowrap_functions: Sequence[Callable], concrete_none: Collection[str] = ()) -> fx.Graph:
     """Trace a block in eval and train mode; make leaves of submodules whose traced code differs, until both agree.
 
     A submodule whose forward branches on ``self.training`` (drop-path, DropBlock, EvoNorm) would otherwise be
     frozen into its eval behaviour. Returns the eval-mode graph. Raises :class:`TraceFailure` for the block itself.
+    ``concrete_none``: see :func:`trace_module`.
     """
     flags = training_flags(block)
     try:
@@ -191,7 +242,7 @@ def trace_block(block: nn.Module, path: str, leaf_types: Sequence[type], leaf_na
             graphs = []
             for train in (False, True):
                 block.train(train)
-                graphs.append(trace_module(block, path, leaf_types, leaf_names, autowrap_functions))
+                graphs.append(trace_module(block, path, leaf_types, leaf_names, autowrap_functions, concrete_none))
             eval_nodes, train_nodes = (list(g.nodes) for g in graphs)
             diff = next((i for i, (a, b) in enumerate(zip(eval_nodes, train_nodes)) if _signature(a) != _signature(b)),
                         None if len(eval_nodes) == len(train_nodes) else min(len(eval_nodes), len(train_nodes)))

@@ -231,7 +231,12 @@ def test_a_routed_file_loads_routed_and_computes_the_same(routed, batch, tmp_pat
         assert torch.equal(loaded(batch), routed(batch))
         copied = copy.deepcopy(routed)
         assert torch.equal(copied(batch[:3]), routed(batch[:3]))
-    assert set(routed.state_dict()) == {f"network.{k}" for k in confident_model().state_dict()} | {"threshold_bits"}
+    # the network's tensors, the threshold, and path 1's own BatchNorm statistics (path norms, the default)
+    own = {k for k in routed.state_dict() if k.startswith("path_norms.1.")}
+    assert own and all(k.split(".")[-1] in ("running_mean", "running_var", "num_batches_tracked") for k in own)
+    assert set(routed.state_dict()) - own == ({f"network.{k}" for k in confident_model().state_dict()}
+                                              | {"threshold_bits"})
+    assert {k for k in loaded.state_dict() if k.startswith("path_norms.")} == own
 
 
 def test_loading_into_a_model_routed_with_other_paths_is_refused(routed, batch, tmp_path):
@@ -422,8 +427,8 @@ def test_a_dropout_head_trains_with_dropout_and_routes_without(batch):
 def test_path_norms_give_each_deeper_level_its_own_batchnorm_statistics(batch, tmp_path):
     """route(path_norms=True): after the departure point, path 1 keeps running statistics of its own activations;
     the weights stay shared. Without it, both paths' batches update one mixture."""
-    shared = gateify.route(gateify.convert(confident_model()), [CHEAP, DEEP]).train()
-    own = gateify.route(gateify.convert(confident_model()), [CHEAP, DEEP], path_norms=True).train()
+    shared = gateify.route(gateify.convert(confident_model()), [CHEAP, DEEP], path_norms=False).train()
+    own = gateify.route(gateify.convert(confident_model()), [CHEAP, DEEP]).train()  # the default
     assert set(own.path_norms["1"]) == {f"{b.replace('.', '_')}_bn{i}" for b in ("layer2.2", "layer3.0", "layer3.1")
                                         for i in (1, 2)}  # the BatchNorms of path 1 after it departs, only
     assert len(list(own.parameters())) == len(list(shared.parameters()))  # no new weights
