@@ -492,7 +492,7 @@ def route(model: nn.Module, paths: Sequence[Mapping[str, bool]], *, path_norms: 
             :func:`select_paths` finds nested ones for ``K`` FLOPs targets.
         path_norms: every deeper level keeps its own BatchNorm running statistics after the point where it departs
             (:class:`PathNorm`; the weights stay shared). ``False``: one set of statistics, a mixture of every
-            path's activations that fits none of them (on animals-c it cost a routed ResNet-20 12-15 points of test
+            path's activations that fits none of them (on animals-c it cost a routed ResNet-20 10-14 points of test
             accuracy at 55-65% FLOPs saved: docs/results.md); kept for the comparison and for files made before.
         leaf_modules, autowrap_functions: for the tracer, as in :func:`gateify.convert`, where the network's own
             forward needs them.
