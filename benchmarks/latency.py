@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import platform
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -276,44 +277,32 @@ def run_setting(s: Setting, args: argparse.Namespace, device: torch.device) -> l
 
             setups[variant], fns[variant] = setup, (lambda: compiled(x))
             executed[variant] = costs.fraction(keep_rates(variant)) * costs.dense_flops
-    elif s.mode == "onnx":  # each variant exported with its forced decisions (a gate is one ONNX If per block)
-        import tempfile
-
-        folder = Path(tempfile.mkdtemp(prefix="gateify-onnx-"))
-        feed = x.cpu().numpy()
-        models = {"dense": dense}
+    else:  # eager or onnx: a model per variant, its decisions forced
+        models: dict[str, nn.Module] = {"dense": dense}
         for variant in masks:
             models[variant] = copy.deepcopy(gated)
             force(models[variant], masks[variant])
             executed[variant] = costs.fraction(keep_rates(variant)) * costs.dense_flops
-        if s.batch == 1:  # the same blocks removed outright, exported as plain static models
+        if s.batch == 1:  # the same blocks removed outright (a static-mode gate does not export: a plain model there)
             for variant in [v for v in masks if v != "open"]:
                 keep = {name: bool(k[0]) for name, k in zip(names, masks[variant])}
-                models[f"ideal-{variant}"] = gateify.to_static(copy.deepcopy(gated), keep=keep)
+                work = copy.deepcopy(gated)
+                models[f"ideal-{variant}"] = (gateify.to_static(work, keep=keep) if s.mode == "onnx"
+                                              else gateify.set_static(work, keep))
                 executed[f"ideal-{variant}"] = costs.static_fraction(keep) * costs.dense_flops
-        for key, m in models.items():
-            run = _onnx_session(m, x, args.threads, folder / f"{key}.onnx", dynamic=False)
-            fns[key] = lambda run=run: run(feed)
-    else:
-        fns["dense"] = lambda: dense(x)
-        for variant in masks:
-            m = copy.deepcopy(gated)
-            force(m, masks[variant])
-            fns[variant] = lambda m=m: m(x)
-            executed[variant] = costs.fraction(keep_rates(variant)) * costs.dense_flops
-        if s.batch == 1:  # the same blocks removed outright
+        if args.masked and s.mode == "eager":
             for variant in [v for v in masks if v != "open"]:
-                m = copy.deepcopy(gated)
-                gateify.set_static(m, {name: bool(k[0]) for name, k in zip(names, masks[variant])})
-                fns[f"ideal-{variant}"] = lambda m=m: m(x)
-                executed[f"ideal-{variant}"] = costs.static_fraction(
-                    {name: bool(k[0]) for name, k in zip(names, masks[variant])}) * costs.dense_flops
-        if args.masked:
-            for variant in [v for v in masks if v != "open"]:
-                m = copy.deepcopy(gated)
-                mask_up(m, masks[variant])
-                fns[f"masked-{variant}"] = lambda m=m: m(x)
+                models[f"masked-{variant}"] = copy.deepcopy(gated)
+                mask_up(models[f"masked-{variant}"], masks[variant])
                 executed[f"masked-{variant}"] = costs.fraction({}) * costs.dense_flops
+        if s.mode == "onnx":  # each exported with its forced decisions: a gate is one ONNX If per block
+            folder, feed = Path(tempfile.mkdtemp(prefix="gateify-onnx-")), x.cpu().numpy()
+            for key, m in models.items():
+                run = _onnx_session(m, x, args.threads, folder / f"{key}.onnx", dynamic=False)
+                fns[key] = lambda run=run: run(feed)
+        else:
+            for key, m in models.items():
+                fns[key] = lambda m=m: m(x)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16,
                               enabled=s.precision == "amp")
@@ -448,8 +437,6 @@ def _onnx_session(module: nn.Module, example: torch.Tensor, threads: int, path: 
 
 
 def run_routed_setting(s: RoutedSetting, args: argparse.Namespace, device: torch.device) -> RoutedRow:
-    import tempfile
-
     torch.manual_seed(0)
     dense = timm.create_model(s.model, zero_init_last=False).eval()
     gated = gateify.convert(copy.deepcopy(dense))
