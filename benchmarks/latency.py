@@ -472,7 +472,8 @@ def run_routed_setting(s: RoutedSetting, args: argparse.Namespace, device: torch
         torch._dynamo.reset()
         # on a GPU, "segments" captures every segment as a CUDA graph (one per shape: buckets keep them few)
         options = dict(mode="reduce-overhead", dynamic=False) if device.type == "cuda" else dict(dynamic=False)
-        fast = gateify.compile(routed) if s.runtime == "compiled" else copy.deepcopy(routed).compile_segments(**options)
+        fast = (gateify.compile(routed, **options) if s.runtime == "compiled"
+                else copy.deepcopy(routed).compile_segments(**options))
         run = {"dense": torch.compile(dense, **options), "routed": fast, "path0": torch.compile(path0, **options),
                "deep": torch.compile(deep, **options), "segment": torch.compile(segment, **options)}
     else:

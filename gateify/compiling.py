@@ -29,7 +29,7 @@ from .modes import require_gates, unwrap
 __all__ = ["compile"]
 
 
-def compile(model: nn.Module, **kwargs: Any) -> nn.Module:  # noqa: A001 (gateify.compile, as torch.compile)
+def compile(model: nn.Module, *, channels_last: bool = True, **kwargs: Any) -> nn.Module:  # noqa: A001
     """``torch.compile(model, **kwargs)`` for a converted model, with every hard gate captured as ``torch.cond``.
 
         fast = gateify.compile(gated.eval())          # any torch.compile argument: backend=, mode=, dynamic=, ...
@@ -42,15 +42,19 @@ def compile(model: nn.Module, **kwargs: Any) -> nn.Module:  # noqa: A001 (gateif
       inside a cond's side is traced rather than breaking the graph;
     * with the default ``inductor`` backend, inductor's ``layout_optimization`` is off unless ``options`` sets it:
       inductor would otherwise store convolution outputs channels_last while each cond's sides were compiled for
-      the strides the model ran with (torch 2.14 checks them and fails). For channels_last speed on a CPU, convert
-      the model and its inputs to channels_last: the graph is then channels_last throughout.
+      the strides the model ran with (torch 2.14 checks them and fails). What that optimisation buys is kept
+      another way: with ``channels_last=True`` (the default) a 4-D input is handed to the graph as a channels_last
+      copy, so the graph is traced channels_last throughout and every cond side agrees with it (CPU convolutions
+      run markedly faster so: docs/latency.md). The parameters are not touched; a 4-D output comes back
+      channels_last (equal values, other strides).
 
     Only ``"hard"`` gates (``eval()`` with mode ``"auto"``) change; dense, static and gumbel modes compile as plain
     ``torch.compile`` would. Gate statistics (``gate.last``) are not recorded inside the graph unless
     :func:`gateify.record_decisions` was on when it was traced.
 
     Args:
-        model: a converted model.
+        model: a converted model (:func:`gateify.convert`) or a routed one (:func:`gateify.route`).
+        channels_last: hand 4-D inputs to the compiled graph in channels_last memory format (see above).
         **kwargs: passed to ``torch.compile`` (``mode`` is turned into inductor ``options`` so that it combines
             with the layout setting).
 
@@ -73,6 +77,8 @@ def compile(model: nn.Module, **kwargs: Any) -> nn.Module:  # noqa: A001 (gateif
 
     @functools.wraps(run)
     def forward(*args: Any, **kw: Any) -> Any:
+        if channels_last and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+            args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
         if config.capture_dynamic_output_shape_ops:  # already on (set by the caller): leave it as it is
             return run(*args, **kw)
         config.capture_dynamic_output_shape_ops = True
