@@ -77,12 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=5e-4)
     train.add_argument("--grad-clip", type=float, default=5.0, help="gradient norm clipping of fine-tuning (0: off)")
     train.add_argument("--distill", type=float, default=1.0, help="weight of distillation from the dense model")
-    train.add_argument("--method", default="routed", choices=("routed", "cascade", "gated"),
+    train.add_argument("--method", default="routed", choices=("routed", "static", "cascade", "gated"),
                        help="routed (default): every sample starts on a cheap static path of the model and the unsure "
-                            "ones continue on a deeper one (gateify.route); cascade: the same paths as separately "
-                            "fine-tuned static models, the cheap one distilled from the deep one (gateify.cascade; "
-                            "two weight sets, trained one after the other); gated: CosineGate controllers per block "
-                            "(gateify.GateRegularizer)")
+                            "ones continue on a deeper one (gateify.route); static: the blocks to remove for the "
+                            "preset's target, chosen on validation loss, removed for every sample (gateify."
+                            "select_blocks + set_static; the same as --baseline static); cascade: the same paths as "
+                            "separately fine-tuned static models, the cheap one distilled from the deep one "
+                            "(gateify.cascade; two weight sets, trained one after the other); gated: CosineGate "
+                            "controllers per block (gateify.GateRegularizer)")
     train.add_argument("--preset", default="balanced", choices=sorted(PRESETS),
                        help="operating point: gateify.ROUTE_PRESETS (routed) or gateify.PRESETS (gated)")
     train.add_argument("--target", type=float, default=None,
@@ -239,7 +241,7 @@ def target_of(args: argparse.Namespace) -> float:
     """The executed FLOPs fraction this run aims at (the static baseline's budget too)."""
     if args.target is not None:
         return args.target
-    return (gateify.ROUTE_PRESETS if args.method in ("routed", "cascade") else PRESETS)[args.preset].target
+    return (gateify.ROUTE_PRESETS if args.method in ("routed", "static", "cascade") else PRESETS)[args.preset].target
 
 
 def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoader, test: DataLoader,
@@ -389,8 +391,8 @@ def report(kind: str, model: torch.nn.Module, dense: torch.nn.Module, data: Data
     counted = gateify.flops(model, test_images)
     metrics: dict[str, Any] = {
         "kind": kind, "model": args.model, "dataset": args.dataset, "dataset_version": data.version,
-        "input_size": data.input_size, "fit": data.fit, "method": args.method if kind in ("gated", "routed",
-        "cascade") else None, "preset": args.preset if kind != "dense_continued" else None,
+        "input_size": data.input_size, "fit": data.fit, "method": args.method if args.baseline == "none" else None,
+        "preset": args.preset if kind != "dense_continued" else None,
         "target": target_of(args) if kind != "dense_continued" else None,
         "gate": args.gate if kind == "gated" else None, "epochs": args.epochs,
         "dense_epochs": 0 if args.init else args.dense_epochs, "test_acc": result.accuracy,

@@ -107,6 +107,26 @@ def test_resume_picks_up_finished_phases(run, tmp_path):
     assert again["test_acc"] == metrics["test_acc"] and again["flops_saved"] == metrics["flops_saved"]
 
 
+def test_static_method_is_the_static_baseline_at_the_presets_target(run, tmp_path):
+    """--method static (the product's static depth pruning) trains exactly what --baseline static does for a routed
+    run: the same blocks for the routing preset's target, the same weights, the same accuracy."""
+    out, _ = run
+    init = ["--init", str(out / "dense.safetensors")]
+    results = []
+    for flags, name in ((["--method", "static"], "method"), (["--baseline", "static"], "baseline")):
+        args = finetune_cifar.build_parser().parse_args(TINY + init + flags + ["--out", str(tmp_path / name)])
+        results.append(finetune_cifar.run(args))
+    method, baseline = results
+    assert method["kind"] == baseline["kind"] == "static" and (method["method"], baseline["method"]) == ("static", None)
+    assert method["target"] == gateify.ROUTE_PRESETS["balanced"].target
+    assert method["static_blocks"] == baseline["static_blocks"] and method["test_acc"] == baseline["test_acc"]
+    assert method["executed_macs"] == baseline["executed_macs"]
+    assert method["executed_macs"] / method["dense_macs"] == pytest.approx(method["target"], abs=0.1)
+    saved = gateify.load(tmp_path / "method" / "static.safetensors")
+    test = DataLoader(load_dataset("digits").test, batch_size=256)
+    assert accuracy(saved, test) == pytest.approx(method["test_acc"], abs=1e-6)
+
+
 def test_routed_run_reports_what_its_saved_model_does(tmp_path):
     out = tmp_path / "routed"
     metrics = finetune_cifar.run(finetune_cifar.build_parser().parse_args(TINY + ["--out", str(out)]))
