@@ -77,14 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=5e-4)
     train.add_argument("--grad-clip", type=float, default=5.0, help="gradient norm clipping of fine-tuning (0: off)")
     train.add_argument("--distill", type=float, default=1.0, help="weight of distillation from the dense model")
-    train.add_argument("--method", default="routed", choices=("routed", "static", "cascade", "gated"),
-                       help="routed (default): every sample starts on a cheap static path of the model and the unsure "
-                            "ones continue on a deeper one (gateify.route); static: the blocks to remove for the "
-                            "preset's target, chosen on validation loss, removed for every sample (gateify."
-                            "select_blocks + set_static; the same as --baseline static); cascade: the same paths as "
-                            "separately fine-tuned static models, the cheap one distilled from the deep one "
-                            "(gateify.cascade; two weight sets, trained one after the other); gated: CosineGate "
-                            "controllers per block (gateify.GateRegularizer)")
+    train.add_argument("--method", default="static", choices=("static", "routed", "cascade", "gated"),
+                       help="static (default; the strongest method measured, docs/results.md): the blocks to remove "
+                            "for the preset's target, chosen on validation loss, removed for every sample (gateify."
+                            "select_blocks + set_static; the same as --baseline static); routed: every sample starts "
+                            "on a cheap static path of the model and the unsure ones continue on a deeper one "
+                            "(gateify.route); cascade: the same paths as separately fine-tuned static models, the "
+                            "cheap one distilled from the deep one (gateify.cascade; two weight sets, trained one "
+                            "after the other); gated: CosineGate controllers per block (gateify.GateRegularizer)")
     train.add_argument("--preset", default="balanced", choices=sorted(PRESETS),
                        help="operating point: gateify.ROUTE_PRESETS (routed) or gateify.PRESETS (gated)")
     train.add_argument("--target", type=float, default=None,

@@ -34,7 +34,7 @@ RESNET20_DIGITS_MACS = 1 * 16 * 9 * 32 * 32 + sum(RESNET20_BRANCH_MACS.values())
 RESNET20_GATE_MACS = sum(c * 32 + 32 for c in [16] * 4 + [32] * 3 + [64] * 2)
 
 TINY = ["--dataset", "digits", "--dense-epochs", "1", "--epochs", "1", "--workers", "0", "--device", "cpu"]
-GATED = ["--method", "gated"]  # the default is routed (test_routed_run_reports_what_its_saved_model_does)
+GATED = ["--method", "gated"]  # the default is static (test_static_method_is_the_static_baseline_at_the_presets_target)
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +108,12 @@ def test_resume_picks_up_finished_phases(run, tmp_path):
 
 
 def test_static_method_is_the_static_baseline_at_the_presets_target(run, tmp_path):
-    """--method static (the product's static depth pruning) trains exactly what --baseline static does for a routed
-    run: the same blocks for the routing preset's target, the same weights, the same accuracy."""
+    """The default method, static depth pruning, trains exactly what --baseline static does for a routed run: the
+    same blocks for the routing preset's target, the same weights, the same accuracy."""
     out, _ = run
     init = ["--init", str(out / "dense.safetensors")]
     results = []
-    for flags, name in ((["--method", "static"], "method"), (["--baseline", "static"], "baseline")):
+    for flags, name in (([], "method"), (["--method", "routed", "--baseline", "static"], "baseline")):
         args = finetune_cifar.build_parser().parse_args(TINY + init + flags + ["--out", str(tmp_path / name)])
         results.append(finetune_cifar.run(args))
     method, baseline = results
@@ -129,7 +129,8 @@ def test_static_method_is_the_static_baseline_at_the_presets_target(run, tmp_pat
 
 def test_routed_run_reports_what_its_saved_model_does(tmp_path):
     out = tmp_path / "routed"
-    metrics = finetune_cifar.run(finetune_cifar.build_parser().parse_args(TINY + ["--out", str(out)]))
+    metrics = finetune_cifar.run(finetune_cifar.build_parser().parse_args(TINY + ["--method", "routed", "--out",
+                                                                                   str(out)]))
     assert metrics["kind"] == "routed" and metrics["preset"] == "balanced"
     test = DataLoader(load_dataset("digits").test, batch_size=256)
     model = gateify.load(out / "routed.safetensors")
