@@ -607,7 +607,8 @@ class ResidualGate(nn.Module):
         """The skip as ``torch.cond`` on 'anyone kept' (and, with ``split_all``, first on 'everyone kept', whose
         side runs F on the batch without gather or scatter); the data-dependent sub-batch lives inside a side.
 
-        Every side returns the shortcut's dtype and memory format, as the sides of a cond must agree.
+        Every side returns the shortcut's dtype and memory format (channels_last where the shortcut is stored so,
+        else contiguous), as the sides of a cond must agree on strides.
         """
         batched, run = self.batched, self._run_branch
         fmt = _memory_format(shortcut)
@@ -616,8 +617,10 @@ class ResidualGate(nn.Module):
             idx = keep.nonzero().view(-1)
             torch._check(idx.shape[0] > 0)  # true on this side of the cond; lets shape guards on F resolve
             sub = [_gather(t, idx) if b else t for t, b in zip(tensors, batched)]
-            # index_put keeps the layout where a traced index_add (functional) returns NCHW
-            return shortcut.index_put((idx,), run(*sub, *params).to(shortcut.dtype), accumulate=True)
+            # index_put keeps the layout where a traced index_add (functional) returns NCHW; contiguous() is a
+            # no-op but for a strided shortcut (ViT's tokens as patch_embed's transposed view)
+            out = shortcut.index_put((idx,), run(*sub, *params).to(shortcut.dtype), accumulate=True)
+            return out.contiguous(memory_format=fmt)
 
         def none_kept(shortcut: torch.Tensor, keep: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
             return shortcut.clone(memory_format=fmt)
@@ -627,7 +630,7 @@ class ResidualGate(nn.Module):
             return torch.cond(keep.any(), some_kept, none_kept, operands)
 
         def all_kept(shortcut: torch.Tensor, keep: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-            return shortcut + run(*tensors, *params).to(shortcut.dtype)
+            return (shortcut + run(*tensors, *params).to(shortcut.dtype)).contiguous(memory_format=fmt)
 
         def not_all(shortcut: torch.Tensor, keep: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
             return torch.cond(keep.any(), some_kept, none_kept, (shortcut, keep, *tensors))

@@ -41,6 +41,40 @@ def call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return module(*args, **kwargs)
 
 
+def attention_mask(mask: Any, query: torch.Tensor, key: torch.Tensor) -> Any:
+    """An attention mask shared by the batch (a relative position bias of shape ``(1, heads, N, N)``), expanded
+    (a view) to ``(B, heads, N, N)`` for ``F.scaled_dot_product_attention``.
+
+    Inside a gate the branch runs on a sub-batch whose size is data-dependent; the attention's own broadcasting
+    check (``mask.size(0) == 1``?) cannot be decided on it, so torch.export refuses. Expanded, the sizes agree
+    symbolically. Only in a graph (export, compile): eager keeps the kernel the block chose, bit for bit."""
+    if not isinstance(mask, torch.Tensor) or not torch.compiler.is_compiling():
+        return mask
+    return mask.expand(*query.shape[:-1], key.shape[-2])
+
+
+_ATTENTION = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+
+
+def _expand_attention_masks(graph: fx.Graph) -> None:
+    """Route the ``attn_mask`` of every ``F.scaled_dot_product_attention`` in a branch graph through
+    :func:`attention_mask` (undone by :func:`inline_block`)."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _ATTENTION:
+            continue
+        positional = len(node.args) > 3
+        mask = node.args[3] if positional else node.kwargs.get("attn_mask")
+        if not isinstance(mask, fx.Node):
+            continue
+        query, key = node.args[0], node.kwargs.get("key", node.args[1] if len(node.args) > 1 else None)
+        with graph.inserting_before(node):
+            expanded = graph.call_function(attention_mask, (mask, query, key))
+        if positional:
+            node.update_arg(3, expanded)
+        else:
+            node.update_kwarg("attn_mask", expanded)
+
+
 class ResidualBranch(fx.GraphModule):
     """A gate's branch ``F`` as a stateless graph (the block's modules and tensors come in as arguments).
 
@@ -240,6 +274,7 @@ def gate_residual(gm: fx.GraphModule, add: fx.Node, shortcut: fx.Node, branch: f
         else:
             env[n] = sub.node_copy(n, env.__getitem__)
     sub.output(env[branch])
+    _expand_attention_masks(sub)
     branch_gm = ResidualBranch(nn.Module(), sub, class_name="ResidualBranch")
 
     dim = channel_dim(inputs[ctrl_index], copied, gm)
@@ -283,7 +318,9 @@ def inline_block(gm: fx.GraphModule, keep: Mapping[str, bool]) -> fx.GraphModule
                     if n.op == "output":
                         out = graph.call_function(operator.add, (env[n.args[0]], shortcut))
                         break
-                    if n.op == "call_function" and n.target is call_module:
+                    if n.op == "call_function" and n.target is attention_mask:  # the block's own mask again
+                        env[n] = env[n.args[0]]
+                    elif n.op == "call_function" and n.target is call_module:
                         module = env[n.args[0]]
                         args = fx.node.map_arg(n.args[1:], env.__getitem__)
                         env[n] = graph.call_module(module.target, args, fx.node.map_arg(n.kwargs, env.__getitem__))

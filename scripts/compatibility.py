@@ -16,7 +16,9 @@ replaces its own section and keeps everything else):
   bit-equal state, equal outputs), ``torch.export`` of the hard-gated model (equal outputs). Hours on 2 CPU cores,
   most of it torch.export: run it in the background with ``--resume``.
 
-Each finished model is appended to a JSON-lines file (``--results``), so ``--resume`` continues an interrupted run.
+Each finished model is appended to a JSON-lines file (``--results``; by default beside the page,
+``docs/compatibility-<suite>.jsonl``, committed with it), so ``--resume`` continues an interrupted run, in this
+session or a later one on another machine.
 
     python scripts/compatibility.py --suite resnet --out docs/compatibility.md
     nohup python scripts/compatibility.py --suite families --out docs/compatibility.md --resume &
@@ -572,7 +574,7 @@ def family_section(rows: list[FamilyRow], size: int, seconds: float, pending: Se
                f"`--resume` runs the rest."] if pending else []),
         "",
         "Regenerate: `python scripts/compatibility.py --suite families --out docs/compatibility.md --resume` "
-        "(results are kept in `runs/compatibility-families.jsonl` as each model finishes).",
+        "(results are kept in `docs/compatibility-families.jsonl` as each model finishes).",
         "",
         "| family | models | convert | dense | skip | FLOPs | save/load | export | every check |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -660,7 +662,7 @@ def main() -> None:
     parser.add_argument("--suite", choices=("resnet", "families"), default="resnet")
     parser.add_argument("--out", default="docs/compatibility.md", help="page whose suite section is rewritten")
     parser.add_argument("--results", default=None,
-                        help="JSON lines, one model each (default runs/compatibility-<suite>.jsonl)")
+                        help="JSON lines, one model each (default: beside --out, <out stem>-<suite>.jsonl)")
     parser.add_argument("--resume", action="store_true", help="skip the models already in --results")
     parser.add_argument("--models", nargs="*", default=[], help="wildcards to restrict the sweep")
     parser.add_argument("--size", type=int, default=64, help="input height/width tried first")
@@ -670,7 +672,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    results = Path(args.results or f"runs/compatibility-{args.suite}.jsonl")
+    out = Path(args.out)
+    results = Path(args.results) if args.results else out.with_name(f"{out.stem}-{args.suite}.jsonl")
     results.parent.mkdir(parents=True, exist_ok=True)
     names = model_names(args.suite, args.models)
     done = read_results(results, args.suite) if args.resume or args.render else {}

@@ -17,6 +17,7 @@ from torch import nn
 
 import gateify
 from gateify.models import input_shape
+from gateify.rewrite import attention_mask
 
 from conftest import perturb_batchnorm, split_decisions
 
@@ -494,6 +495,35 @@ def assert_routes_as_its_paths(gated: nn.Module, paths: list, x: torch.Tensor) -
     assert 0 < int(levels.sum()) < len(x)
     torch.testing.assert_close(out, alone[levels, torch.arange(len(x))])
     return routed
+
+
+def test_hard_gates_of_a_relative_position_vit_export_and_skip_per_sample():
+    """Issue 22: relative-position attention hands its bias to ``F.scaled_dot_product_attention`` as an
+    ``attn_mask`` of batch 1, whose broadcast torch.export could not decide on a gate's data-dependent sub-batch
+    (``Eq(1, u2)``); and the tokens the first gate adds to are patch_embed's transposed view, whose strides the
+    cond's sides must agree on. Both export now, one torch.cond per gate, with eager's outputs; to_static gives
+    back the block's own attention call."""
+    torch.manual_seed(0)
+    model = gateify.create_model("vit_relpos_small_patch16_224", img_size=SIZE, patch_size=8, embed_dim=32, depth=2,
+                                 num_heads=2, num_classes=10).eval()
+    gated = gateify.convert(model, example_input=batch(2, seed=5)).eval()
+    x = batch()
+    with torch.no_grad(), gateify.gate_mode(gated, "dense"):
+        assert (gated(x) - model(x)).abs().max().item() <= 1e-5
+    split_decisions(gated, x)
+    with torch.no_grad(), gateify.record_decisions(gated):
+        expected = gated(x)
+        kept = torch.stack([g.last.gate.bool() for g in gateify.gates(gated).values()])
+    assert kept.any(1).all() and not kept.all(1).any()  # every gate splits the batch
+    program = torch.export.export(gated, (x,))
+    conds = [n for n in program.graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert len(conds) >= len(gateify.gates(gated))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), expected)
+        static = gateify.to_static(gated, {name: True for name in gateify.gates(gated)})
+        torch.testing.assert_close(static(x), model(x))
+    assert not any(n.target is attention_mask for m in static.modules() if isinstance(m, torch.fx.GraphModule)
+                   for n in m.graph.nodes)
 
 
 def test_every_family_routes_each_sample_to_its_paths_output(pair):
