@@ -53,13 +53,34 @@ def attention_mask(mask: Any, query: torch.Tensor, key: torch.Tensor) -> Any:
     return mask.expand(*query.shape[:-1], key.shape[-2])
 
 
+def roll(x: torch.Tensor, shifts: Any, dims: Any = None) -> torch.Tensor:
+    """``torch.roll`` (Swin's shifted windows); while a graph is traced, as two slices and a ``cat`` per dimension.
+
+    torch.roll's decomposition first asks whether the tensor is empty, which torch cannot decide for a gate's
+    sub-batch (its size comes from ``nonzero``), so torch.export refuses; slices along the rolled (spatial)
+    dimensions ask nothing of the batch. Eager calls torch.roll itself."""
+    if dims is None or not torch.compiler.is_compiling():
+        return torch.roll(x, shifts, dims)
+    shifts = (shifts,) if isinstance(shifts, int) else tuple(shifts)
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    for shift, dim in zip(shifts, dims):
+        size = x.shape[dim]
+        shift = shift % size
+        if shift:
+            x = torch.cat((x.narrow(dim, size - shift, shift), x.narrow(dim, 0, size - shift)), dim)
+    return x
+
+
 _ATTENTION = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
-def _expand_attention_masks(graph: fx.Graph) -> None:
-    """Route the ``attn_mask`` of every ``F.scaled_dot_product_attention`` in a branch graph through
-    :func:`attention_mask` (undone by :func:`inline_block`)."""
+def _exportable_sub_batch(graph: fx.Graph) -> None:
+    """Make a branch graph traceable on a sub-batch of unknown size (undone by :func:`inline_block`): calls to
+    ``torch.roll`` go through :func:`roll`, and the ``attn_mask`` of every ``F.scaled_dot_product_attention``
+    through :func:`attention_mask`."""
     for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.roll:
+            node.target = roll
         if node.op != "call_function" or node.target not in _ATTENTION:
             continue
         positional = len(node.args) > 3
@@ -274,7 +295,7 @@ def gate_residual(gm: fx.GraphModule, add: fx.Node, shortcut: fx.Node, branch: f
         else:
             env[n] = sub.node_copy(n, env.__getitem__)
     sub.output(env[branch])
-    _expand_attention_masks(sub)
+    _exportable_sub_batch(sub)
     branch_gm = ResidualBranch(nn.Module(), sub, class_name="ResidualBranch")
 
     dim = channel_dim(inputs[ctrl_index], copied, gm)
@@ -296,11 +317,14 @@ def gate_residual(gm: fx.GraphModule, add: fx.Node, shortcut: fx.Node, branch: f
     return gate_node
 
 
-def inline_block(gm: fx.GraphModule, keep: Mapping[str, bool]) -> fx.GraphModule:
+def inline_block(gm: fx.GraphModule, keep: Mapping[str, bool], *, sub_batch: bool = False) -> fx.GraphModule:
     """The block without gates: each gate call becomes ``branch + shortcut`` (kept) or the shortcut (removed).
 
     The branch graph's module calls become ``call_module`` nodes of the block again, so submodule names and the
     state dict are the original ones; a removed branch's modules are no longer referenced and are dropped.
+    ``sub_batch``: the block will run on a sub-batch of data-dependent size (routing's escalated samples), so
+    the branches keep :func:`roll` and :func:`attention_mask`; otherwise they call torch.roll and take the mask as
+    the block did.
     """
     graph = copy.deepcopy(gm.graph)
     for node in list(graph.nodes):
@@ -318,8 +342,11 @@ def inline_block(gm: fx.GraphModule, keep: Mapping[str, bool]) -> fx.GraphModule
                     if n.op == "output":
                         out = graph.call_function(operator.add, (env[n.args[0]], shortcut))
                         break
-                    if n.op == "call_function" and n.target is attention_mask:  # the block's own mask again
+                    if n.op == "call_function" and n.target is attention_mask and not sub_batch:  # as it was
                         env[n] = env[n.args[0]]
+                    elif n.op == "call_function" and n.target is roll and not sub_batch:
+                        env[n] = graph.node_copy(n, env.__getitem__)
+                        env[n].target = torch.roll
                     elif n.op == "call_function" and n.target is call_module:
                         module = env[n.args[0]]
                         args = fx.node.map_arg(n.args[1:], env.__getitem__)

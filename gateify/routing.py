@@ -583,7 +583,8 @@ def _static_blocks(work: nn.Module, keep: Mapping[str, bool]) -> tuple[dict[str,
     for name, gate in gates(work).items():
         block, _, attr = where[gate].rpartition(".")
         own.setdefault(block, {})[attr] = name
-    graphs = {block: inline_block(work.get_submodule(block), {a: keep[n] for a, n in attrs.items()}).graph
+    graphs = {block: inline_block(work.get_submodule(block), {a: keep[n] for a, n in attrs.items()},
+                                  sub_batch=True).graph
               for block, attrs in own.items()}
     called: set[str] = set()
     for block in sorted(own, key=lambda b: -b.count(".")):  # innermost first: a child is flat when its parent inlines it

@@ -17,7 +17,7 @@ from torch import nn
 
 import gateify
 from gateify.models import input_shape
-from gateify.rewrite import attention_mask
+from gateify.rewrite import attention_mask, roll
 
 from conftest import perturb_batchnorm, split_decisions
 
@@ -497,15 +497,18 @@ def assert_routes_as_its_paths(gated: nn.Module, paths: list, x: torch.Tensor) -
     return routed
 
 
-def test_hard_gates_of_a_relative_position_vit_export_and_skip_per_sample():
-    """Issue 22: relative-position attention hands its bias to ``F.scaled_dot_product_attention`` as an
+@pytest.mark.parametrize("name, kwargs", [
+    ("vit_relpos_small_patch16_224", dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)),
+    ("swin_tiny_patch4_window7_224", dict(patch_size=4, window_size=4, embed_dim=16, depths=(2,), num_heads=(1,))),
+])
+def test_hard_gates_of_relative_position_vit_and_swin_export(name, kwargs):
+    """Issue 22. Relative-position attention hands its bias to ``F.scaled_dot_product_attention`` as an
     ``attn_mask`` of batch 1, whose broadcast torch.export could not decide on a gate's data-dependent sub-batch
-    (``Eq(1, u2)``); and the tokens the first gate adds to are patch_embed's transposed view, whose strides the
-    cond's sides must agree on. Both export now, one torch.cond per gate, with eager's outputs; to_static gives
-    back the block's own attention call."""
+    (``Eq(1, u2)``); the tokens the ViT's first gate adds to are patch_embed's transposed view, whose strides the
+    cond's sides must agree on; Swin's ``torch.roll`` asked whether the sub-batch is empty. All export now, hard
+    gates and routed, with eager's per-sample decisions and outputs; to_static gives back the blocks' own calls."""
     torch.manual_seed(0)
-    model = gateify.create_model("vit_relpos_small_patch16_224", img_size=SIZE, patch_size=8, embed_dim=32, depth=2,
-                                 num_heads=2, num_classes=10).eval()
+    model = gateify.create_model(name, img_size=SIZE, num_classes=10, **kwargs).eval()
     gated = gateify.convert(model, example_input=batch(2, seed=5)).eval()
     x = batch()
     with torch.no_grad(), gateify.gate_mode(gated, "dense"):
@@ -522,8 +525,12 @@ def test_hard_gates_of_a_relative_position_vit_export_and_skip_per_sample():
         torch.testing.assert_close(program.module()(x), expected)
         static = gateify.to_static(gated, {name: True for name in gateify.gates(gated)})
         torch.testing.assert_close(static(x), model(x))
-    assert not any(n.target is attention_mask for m in static.modules() if isinstance(m, torch.fx.GraphModule)
+    assert not any(n.target in (attention_mask, roll) for m in static.modules() if isinstance(m, torch.fx.GraphModule)
                    for n in m.graph.nodes)
+    names = list(gateify.gates(gated))  # routed: the escalated samples run the second half on their sub-batch
+    routed = assert_routes_as_its_paths(gated, [{n: False for n in names[len(names) // 2:]}, {names[-1]: False}], x)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.export(routed, (x,)).module()(x), routed(x))
 
 
 def test_every_family_routes_each_sample_to_its_paths_output(pair):
