@@ -239,10 +239,19 @@ def tune_malloc() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def source_model(name: str) -> nn.Module:
+    """The timm model, random weights, eval mode; a ResNet without its zero-initialised last norm (non-degenerate
+    branches, as after training). Other families (ViT, ConvNeXt) take no ``zero_init_last``."""
+    try:
+        return timm.create_model(name, zero_init_last=False).eval()
+    except TypeError:  # the model's constructor does not know the keyword
+        return timm.create_model(name).eval()
+
+
 def run_setting(s: Setting, args: argparse.Namespace, device: torch.device) -> list[Row]:
     torch.manual_seed(0)
     memory_format = torch.channels_last if s.layout == "nhwc" else torch.contiguous_format
-    dense = timm.create_model(s.model, zero_init_last=False).eval()  # non-degenerate branches, as after training
+    dense = source_model(s.model)
     gated = gateify.convert(copy.deepcopy(dense)).eval()
     gateify.set_mode(gated, "hard")
     dense = dense.to(device, memory_format=memory_format)
@@ -375,12 +384,13 @@ class RoutedSetting:
 
 
 def routed_grid(batches: tuple[int, ...] = (1, 16, 64, 256), models: tuple[str, ...] = ("resnet20", "resnet56",
-                "resnet50"), runtimes: tuple[str, ...] = ("eager", "compiled", "onnx")) -> tuple[RoutedSetting, ...]:
+                "resnet50"), runtimes: tuple[str, ...] = ("eager", "compiled", "onnx"),
+                size: Optional[int] = None) -> tuple[RoutedSetting, ...]:
     out = []
     for m in models:
         for b in batches:
             for r in runtimes:
-                out += [RoutedSetting(m, SIZES[m], b, r, e) for e in ((False, True) if b == 1 else (None,))]
+                out += [RoutedSetting(m, size or SIZES[m], b, r, e) for e in ((False, True) if b == 1 else (None,))]
     return tuple(out)
 
 
@@ -438,7 +448,7 @@ def _onnx_session(module: nn.Module, example: torch.Tensor, threads: int, path: 
 
 def run_routed_setting(s: RoutedSetting, args: argparse.Namespace, device: torch.device) -> RoutedRow:
     torch.manual_seed(0)
-    dense = timm.create_model(s.model, zero_init_last=False).eval()
+    dense = source_model(s.model)
     gated = gateify.convert(copy.deepcopy(dense))
     names = list(gateify.gates(gated))
     paths = [{n: i % 3 == 0 for i, n in enumerate(names)}, {n: i % 3 != 2 for i, n in enumerate(names)}]
@@ -675,8 +685,9 @@ def main() -> None:
     if args.grid in ("routed", "routed-quick") or args.routed:
         runtimes = tuple(args.runtimes.split(","))
         if args.cases:
-            routed_settings = [r for c in args.cases for r in routed_grid(
-                (int(c.split(":")[2]),), (c.split(":")[0],), runtimes) if r.input == int(c.split(":")[1])]
+            for case in args.cases:
+                model, size, batch = case.split(":")
+                routed_settings += routed_grid((int(batch),), (model,), runtimes, size=int(size))
         else:
             routed_settings = list(routed_grid(runtimes=runtimes) if args.grid == "routed" else routed_grid(
                 (1, 16), ("resnet20", "resnet50"), runtimes))
