@@ -85,9 +85,10 @@ def _exportable_sub_batch(graph: fx.Graph) -> None:
             continue
         positional = len(node.args) > 3
         mask = node.args[3] if positional else node.kwargs.get("attn_mask")
-        if not isinstance(mask, fx.Node):
+        query = node.args[0] if node.args else node.kwargs.get("query")
+        key = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
+        if not all(isinstance(n, fx.Node) for n in (mask, query, key)):
             continue
-        query, key = node.args[0], node.kwargs.get("key", node.args[1] if len(node.args) > 1 else None)
         with graph.inserting_before(node):
             expanded = graph.call_function(attention_mask, (mask, query, key))
         if positional:
