@@ -300,7 +300,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                     f"({plural(len(seeds), 'seed')})")
         tables.append(f"== {budget} fine-tuning epochs ==\n" + pareto.table(entries, margins))
     result = {"budgets": budgets, "points": points, "margins": found, "runs": runs, "command": " ".join(sys.argv),
-              "model": args.model, "dataset": args.dataset, "dataset_version": pareto.VERSIONS[args.dataset],
+              "model": args.model, "model_kwargs": args.model_kwargs, "dataset": args.dataset,
+              "dataset_version": pareto.VERSIONS[args.dataset],
               "fit": args.fit, "dense_epochs": args.dense_epochs, "seeds": seeds,
               "recipes": {n: recipe(n, args.reg) for n in names},
               "gated": [{"preset": p, "tag": t, "target": x} for p, t, x in parse_gated(args.gated)],

@@ -38,6 +38,7 @@ from gateify.regularizer import PRESETS, RegularizerConfig, config_with
 from gateify.static import seed_gates
 from gateify.training import Checkpoint, TrainConfig, evaluate, fit, recalibrate_batchnorm
 from safetensors.torch import save_file
+from timm.utils import ParseKwargs
 
 _logger = logging.getLogger("finetune")
 
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="resnet20", help="timm name, or torchvision:<name>")
+    model.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                       help="keywords for the model's constructor, as timm's train.py takes them (e.g. a ViT for "
+                            "32x32: img_size=32 patch_size=4 embed_dim=96 depth=6 num_heads=3)")
     model.add_argument("--init", default=None, help="dense weights (safetensors) to start from; skips dense training")
     model.add_argument("--gate", default="controller", choices=("controller", "cir"),
                        help="controller: decided from the block input (saves compute); cir: paper-faithful, needs F(x)")
@@ -390,7 +394,8 @@ def report(kind: str, model: torch.nn.Module, dense: torch.nn.Module, data: Data
     result = evaluate(model, test, device, channels_last=cl)
     counted = gateify.flops(model, test_images)
     metrics: dict[str, Any] = {
-        "kind": kind, "model": args.model, "dataset": args.dataset, "dataset_version": data.version,
+        "kind": kind, "model": args.model, "model_kwargs": args.model_kwargs, "dataset": args.dataset,
+        "dataset_version": data.version,
         "input_size": data.input_size, "fit": data.fit, "method": args.method if args.baseline == "none" else None,
         "preset": args.preset if kind != "dense_continued" else None,
         "target": target_of(args) if kind != "dense_continued" else None,
@@ -504,10 +509,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kind = BASELINES.get(args.baseline, args.method)
     size = args.input_size or (32 if args.dataset in ("cifar10", "digits") else None)
     if size is None:
-        size = input_shape(gateify.create_model(args.model))[-1]
+        size = input_shape(gateify.create_model(args.model, **args.model_kwargs))[-1]
     data = load_dataset(args.dataset, args.data_dir, size, download=args.download, fit=args.fit)
     train, test, val = loaders(data, args, world)
-    model = gateify.create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans).to(device)
+    model = gateify.create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans,
+                                 **args.model_kwargs).to(device)
     if channels_last(args):
         model = model.to(memory_format=torch.channels_last)
     log: list[dict[str, Any]] = []

@@ -411,7 +411,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     entries = aggregate(points)
     found = margins(points)
     result = {"points": entries, "margins": found, "runs": points, "command": " ".join(sys.argv),
-              "model": args.model, "dataset": args.dataset, "dataset_version": VERSIONS[args.dataset],
+              "model": args.model, "model_kwargs": args.model_kwargs, "dataset": args.dataset,
+              "dataset_version": VERSIONS[args.dataset],
               "fit": args.fit, "epochs": args.epochs, "dense_epochs": args.dense_epochs,
               "seeds": seeds, "minutes": (time.perf_counter() - start) / 60}
     with open(os.path.join(args.out, "pareto.json"), "w") as f:

@@ -150,6 +150,22 @@ def test_routed_run_reports_what_its_saved_model_does(tmp_path):
     assert 1 - cheap["flops_saved"] == pytest.approx(metrics["route"]["paths_flops"][0], abs=0.01)
 
 
+def test_a_vit_built_with_model_kwargs_prunes_and_its_file_rebuilds_it(tmp_path):
+    """Issue 22: `--model-kwargs` (timm train.py's form) builds a ViT for the dataset's 16x16 images; static pruning
+    drops whole residuals (attention or MLP) and the saved file alone rebuilds that ViT with its pruned blocks."""
+    vit = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "embed_dim=32",
+           "depth=2", "num_heads=2", "--input-size", "16"]
+    out = tmp_path / "vit"
+    metrics = finetune_cifar.run(finetune_cifar.build_parser().parse_args(TINY + vit + ["--out", str(out)]))
+    assert metrics["kind"] == "static" and metrics["model_kwargs"] == {"img_size": 16, "patch_size": 4,
+                                                                       "embed_dim": 32, "depth": 2, "num_heads": 2}
+    assert 0 < metrics["flops_saved"] < 1
+    model = gateify.load(out / "static.safetensors").eval()
+    assert model.patch_embed.img_size == (16, 16) and len(model.blocks) == 2
+    test = DataLoader(load_dataset("digits", input_size=16).test, batch_size=256)
+    assert accuracy(model, test) == pytest.approx(metrics["test_acc"], abs=1e-6)
+
+
 def test_cascade_run_trains_two_models_the_cheap_one_taught_by_the_deep_one(tmp_path):
     out = tmp_path / "cascade"
     metrics = finetune_cifar.run(finetune_cifar.build_parser().parse_args(
