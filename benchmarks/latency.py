@@ -244,7 +244,9 @@ def source_model(name: str) -> nn.Module:
     branches, as after training). Other families (ViT, ConvNeXt) take no ``zero_init_last``."""
     try:
         return timm.create_model(name, zero_init_last=False).eval()
-    except TypeError:  # the model's constructor does not know the keyword
+    except TypeError as e:  # the model's constructor does not know the keyword
+        if "zero_init_last" not in str(e):
+            raise
         return timm.create_model(name).eval()
 
 
