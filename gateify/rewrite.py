@@ -71,9 +71,6 @@ def roll(x: torch.Tensor, shifts: Any, dims: Any = None) -> torch.Tensor:
     return x
 
 
-_ATTENTION = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
-
-
 def _exportable_sub_batch(graph: fx.Graph) -> None:
     """Make a branch graph traceable on a sub-batch of unknown size (undone by :func:`inline_block`): calls to
     ``torch.roll`` go through :func:`roll`, and the ``attn_mask`` of every ``F.scaled_dot_product_attention``
@@ -81,7 +78,7 @@ def _exportable_sub_batch(graph: fx.Graph) -> None:
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is torch.roll:
             node.target = roll
-        if node.op != "call_function" or node.target not in _ATTENTION:
+        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:  # torch._C._nn's own
             continue
         positional = len(node.args) > 3
         mask = node.args[3] if positional else node.kwargs.get("attn_mask")
