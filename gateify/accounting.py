@@ -189,6 +189,15 @@ def _no_parameter_grads(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+@contextmanager
+def counting_flops(model: nn.Module) -> Iterator[FlopCounterMode]:
+    """A ``FlopCounterMode`` that also counts what torch's leaves out (``_EXTRA_FLOPS``: CPU attention kernels,
+    addmv), with ``model``'s parameters frozen for the count. Every count of this package goes through it, so
+    that a routed segment and a gated block of the same network count the same operations."""
+    with _no_parameter_grads(model), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
+        yield counter
+
+
 class _Counter:
     """FlopCounterMode plus per-gate attribution of branch and scorer FLOPs and kept samples."""
 

@@ -33,8 +33,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Seque
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from .accounting import counting_flops
 from .errors import GateConfigError, GateifyError, GateifyWarning, InputShapeError
 from .conversion import to_dense
 from .gate import ResidualGate, _float_from_bits, _gather
@@ -407,15 +407,13 @@ class RoutedModel(nn.Module):
         self.eval()
         try:
             with torch.no_grad():
-                counter = FlopCounterMode(display=False)
-                with counter:
+                with counting_flops(self) as counter:
                     self.network(x)
                 dense = counter.get_total_flops() / x.shape[0]
                 plan, per_level = self._plans[False], []
                 carried: dict[int, tuple[torch.Tensor, ...]] = {}
                 for k in range(self.levels):
-                    counter = FlopCounterMode(display=False)
-                    with counter:
+                    with counting_flops(self) as counter:
                         outs = plan.segments[k](self, *(carried.pop(k) if k else (x,)))
                     carried.update(plan.split(k, outs[1:]))
                     per_level.append(counter.get_total_flops() / x.shape[0])

@@ -556,6 +556,19 @@ def test_a_routed_vit_round_trips_its_file_and_exports(tmp_path):
         torch.testing.assert_close(torch.export.export(routed, (x,)).module()(x), expected)
 
 
+def test_a_routed_vits_segment_flops_count_its_attention():
+    """The dense count and path 0's segment are the per-block counter's numbers: on a CPU attention runs as one
+    fused kernel that torch's own counter leaves out, and routing counts it like every other count does."""
+    gated = gateify.convert(build("vit")).eval()
+    routed = gateify.route(gated, [{"blocks.1": False, "blocks.1.gate_1": False}, {"blocks.1.gate_1": False}])
+    x = batch(2)
+    dense, per_level = routed.segment_flops(x)
+    assert dense == pytest.approx(gateify.flops(gated, x).dense_flops)
+    assert per_level[0] == pytest.approx(gateify.flops(routed.path(0), x).executed_flops)
+    tokens, dim = 1 + (SIZE // 8) ** 2, 32
+    assert per_level[1] > 2 * tokens * tokens * 2 * dim  # the escalated segment runs block 1's attention products
+
+
 def test_routing_a_block_inside_a_block_runs_the_inner_gates_path_by_path():
     """The two paths differ only in 'blocks.0.mixer', a gated block its parent's graph calls: the top graph calls
     the parents, so each path inlines the mixer's static form into its parent's."""
