@@ -19,10 +19,25 @@ class Spread(NamedTuple):
     q3: float
 
 
+def _balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``range(n)`` in which each ordered pair of different items is adjacent equally often (Williams'
+    balanced Latin square: ``n`` rows for even ``n``, those and their reverses for odd ``n``). A rotated round-robin
+    is not: its rounds keep every item behind the same neighbour."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low if len(first) % 2 else high)
+        low, high = (low + 1, high) if len(first) % 2 == 0 else (low, high - 1)
+    rows = [[(v + i) % n for v in first] for i in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 else rows
+
+
 def measure_latency_spread(fns: Mapping[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
                            setups: Optional[Mapping[str, Callable[[], object]]] = None) -> dict[str, Spread]:
     """Milliseconds per call of each ``fn`` after ``warmup`` calls, interleaved round-robin so that drift (clock,
-    cache, other load) hits every variant alike; CUDA events and synchronisation on a GPU.
+    cache, other load) hits every variant alike; CUDA events and synchronisation on a GPU. Each round runs the
+    variants in the next order of a balanced Latin square (:func:`_balanced_orders`), so that within the rounds every variant follows
+    every other equally often: what ran just before a call (a large model evicting a small one's weights from the
+    caches) is no one variant's handicap.
 
     ``setups[key]``, where given, runs before every call of ``fns[key]`` and is not timed: it puts a model shared
     by several variants into that variant's state (one compiled model, several forced decisions).
@@ -34,8 +49,11 @@ def measure_latency_spread(fns: Mapping[str, Callable[[], object]], device: torc
                 setups[key]()
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
+    keys = list(fns)
+    orders = _balanced_orders(len(keys))
+    for r in range(repeats):
+        for key in (keys[i] for i in orders[r % len(orders)]):
+            fn = fns[key]
             if key in setups:
                 setups[key]()
             if device.type == "cuda":

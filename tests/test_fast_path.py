@@ -264,3 +264,22 @@ def test_compiled_model_is_one_graph_that_equals_eager():
         assert not torch._dynamo.config.capture_dynamic_output_shape_ops  # switched on for the calls only
     finally:
         torch._dynamo.reset()
+
+
+def test_latency_interleaving_gives_every_variant_every_predecessor_equally_often():
+    """A fixed round-robin order (or a rotated one) always runs the same variant right after the largest model, on
+    cold caches; benchmarks/latency.py's ratios rely on each round's order varying so that none is favoured."""
+    from gateify.timing import measure_latency_spread
+
+    for n in (3, 4, 5):
+        keys = "abcde"[:n]
+        calls: list[str] = []
+        fns = {k: (lambda k=k: calls.append(k)) for k in keys}
+        rounds = 2 * n * (2 if n % 2 else 1)  # two full cycles of the orders
+        spread = measure_latency_spread(fns, torch.device("cpu"), warmup=1, repeats=rounds)
+        assert set(spread) == set(keys) and len(calls) == n * (rounds + 1)
+        timed = [calls[n * (r + 1):n * (r + 2)] for r in range(rounds)]
+        assert all(sorted(order) == list(keys) for order in timed)
+        pairs = [(order[i - 1], order[i]) for order in timed for i in range(1, n)]
+        counts = {(p, k): pairs.count((p, k)) for p in keys for k in keys if p != k}
+        assert len(set(counts.values())) == 1, counts  # every ordered pair adjacent equally often
