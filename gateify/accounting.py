@@ -210,7 +210,9 @@ class _Counter:
         self.kept = {name: 0.0 for name in self.gates}
         self.samples = 0
         self.shape: tuple[int, ...] = ()
-        self.levels = torch.zeros(getattr(model, "levels", 0), dtype=torch.float64)  # samples per path, routed
+        # a routed model is told by its flag, not by its attributes: NesT's `levels` is a Sequential
+        self.routed = bool(getattr(model, "gateify_routed", False))
+        self.levels = torch.zeros(model.levels if self.routed else 0, dtype=torch.float64)  # samples per path
 
     def _attribute(self, module: nn.Module, bucket: dict[str, int], name: str) -> list:
         start: list[int] = []
@@ -222,7 +224,7 @@ class _Counter:
         return [pre, module.register_forward_hook(post)]
 
     def run(self, batches: Iterable[torch.Tensor]) -> "_Counter":
-        routes = getattr(self.model, "forward_routes", None)  # a routed model: count its paths too
+        routes = self.model.forward_routes if self.routed else None  # a routed model: count its paths too
         handles = []
         for name, gate in self.gates.items():  # branch = whole gate call minus its scorer
             handles += self._attribute(gate, self.branch, name)

@@ -110,3 +110,33 @@ def test_calibrate_says_when_one_threshold_cannot_reach_the_target(resnet20, cif
     reached = gateify.flops(gated, cifar_batch).executed_fraction
     assert abs(reached - 0.5) > 0.02
     assert f"reached {reached:.3f} of dense" in str(record[0].message)
+
+
+def test_a_model_with_its_own_levels_attribute_is_counted_as_a_network():
+    """timm's NesT keeps its stages in ``self.levels`` (a Sequential); counting took it for a routed model's number
+    of paths and failed with a TypeError."""
+    from torch import nn
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+
+        def forward(self, x):
+            return x + self.conv(x)
+
+    class Levels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.levels = nn.Sequential(Residual(), Residual())
+
+        def forward(self, x):
+            return self.levels(self.stem(x)).mean((2, 3))
+
+    x = torch.randn(2, 3, 8, 8)
+    gated = gateify.convert(Levels().eval(), example_input=x)
+    report = gateify.flops(gated, x)
+    conv = 8 * 8 * 9 * 8 * 8
+    assert report.dense_macs == 3 * 8 * 9 * 8 * 8 + 2 * conv
+    assert [b.name for b in report.blocks] == ["levels.0", "levels.1"] and report.level_shares is None
