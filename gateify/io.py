@@ -95,14 +95,19 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, architecture: Optio
     versions = _module_versions(state)
     if versions:
         metadata["module_versions"] = json.dumps(versions)
+    # tied weights (one module held under several names, CoaT's shared position encodings; a tied head) are
+    # written once, as safetensors.torch.save_model does; the other names are listed and filled in by load
     storages: dict[tuple, str] = {}
+    tied: dict[str, str] = {}
     for key, tensor in state.items():
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
         if tensor.numel() and ident in storages:
-            raise WeightsFileError(f"'{key}' shares memory with '{storages[ident]}' (tied weights); gateify.save "
-                                   f"writes each tensor once: untie them or save with safetensors.torch.save_model.")
-        storages[ident] = key
-    atomic_save(state, os.fspath(path), metadata)
+            tied[key] = storages[ident]
+        else:
+            storages[ident] = key
+    if tied:
+        metadata["tied"] = json.dumps(tied)
+    atomic_save({k: v for k, v in state.items() if k not in tied}, os.fspath(path), metadata)
 
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
@@ -250,6 +255,11 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
                                f"weights of the source model use gateify.load_dense(model, '{path}').")
     version, arch, config, modes = _parse_metadata(path, metadata)
     routing = _json_field(path, metadata, "routing")
+    for key, kept in (_json_field(path, metadata, "tied") or {}).items():  # written once by save
+        if kept not in tensors:
+            raise WeightsFileError(f"'{path}' lists '{key}' as tied to '{kept}', which the file does not hold; the "
+                                   f"file is damaged: save the model again.")
+        tensors[key] = tensors[kept]
     if version == 1:
         tensors = _from_format_1(tensors, modes, config)
     if routing and version <= 2:

@@ -420,3 +420,28 @@ def test_load_dense_loads_the_source_models_own_gate_modules(attr):
     gateify.set_mode(gated, "dense")
     with torch.no_grad():
         assert torch.equal(gated(x), source(x))
+
+
+def test_tied_weights_are_written_once_and_tied_again_on_load(tmp_path):
+    """CoaT hands one position encoding to every block of a stage: its weights live under several names. The file
+    holds them once (as safetensors.torch.save_model writes them) and load ties them again."""
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(0)
+    coat = gateify.create_model("coat_lite_tiny", img_size=64, embed_dims=(16, 32, 48, 64), num_classes=5).eval()
+    with pytest.warns(gateify.GateifyWarning, match="one gate per module"):
+        gated = gateify.convert(coat, example_input=x)
+    mix_decisions(gated, x)
+    gateify.save(gated, tmp_path / "coat.safetensors")
+    tensors, metadata = read_safetensors(str(tmp_path / "coat.safetensors"))
+    tied = json.loads(metadata["tied"])
+    assert tied["serial_blocks1.0.cpe.proj.weight"] == "cpe1.proj.weight" and "serial_blocks1.0.cpe.proj.weight" \
+        not in tensors
+    with pytest.warns(gateify.GateifyWarning, match="one gate per module"):
+        loaded = gateify.load(tmp_path / "coat.safetensors").eval()
+    assert loaded.serial_blocks1[0].cpe.proj.weight is loaded.cpe1.proj.weight  # one parameter again
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), gated(x), rtol=0, atol=0)
+    damaged = dict(metadata, tied=json.dumps({"serial_blocks1.0.cpe.proj.weight": "nowhere"}))
+    save_file(tensors, str(tmp_path / "damaged.safetensors"), damaged)
+    with pytest.raises(gateify.WeightsFileError, match="tied to 'nowhere'.*save the model again"):
+        gateify.load(tmp_path / "damaged.safetensors")
