@@ -120,15 +120,19 @@ def _as_it_was(model: nn.Module) -> Iterator[None]:
                     module._buffers[attr] = tensor
 
 
-def _capture_block_inputs(model: nn.Module, paths: Sequence[str], x: torch.Tensor) -> dict[str, _BlockCall]:
+def _capture_block_inputs(model: nn.Module, paths: Sequence[str],
+                          x: torch.Tensor) -> tuple[dict[str, _BlockCall], dict[str, int]]:
     """Each block's first inputs, positional and keyword ones in its forward's parameter order, in the order blocks
     ran: from an eval-mode run of ``model(x)``, then for blocks that only run in training (``if self.training:
     ...``), from a train-mode run whose BatchNorm statistics are restored after. Blocks neither run reaches are
-    left out."""
+    left out. Also: how many times the eval-mode run called each block."""
     seen: dict[str, _BlockCall] = {}
+    calls: dict[str, int] = {}
     handles = []
     for path in paths:
         def hook(module: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
+            if not module.training:
+                calls[path] = calls.get(path, 0) + 1
             if path not in seen:
                 seen[path] = _block_call(module, path, args, kwargs)
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
@@ -150,7 +154,25 @@ def _capture_block_inputs(model: nn.Module, paths: Sequence[str], x: torch.Tenso
     finally:
         for h in handles:
             h.remove()
-    return seen
+    return seen, calls
+
+
+def _shared_blocks(model: nn.Module, paths: Iterable[str], calls: Mapping[str, int]) -> dict[str, str]:
+    """Blocks that one gate cannot stand for, and why: a module the network holds under several names (CoaT's
+    ConvPosEnc, shared by the blocks of a stage) or calls more than once per forward. A gate decides, records and
+    is counted once per forward of its block, and a block swapped in under one name leaves its other names calling
+    the ungated module."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    shared = {}
+    for path in paths:
+        n = calls.get(path, 1)  # a block only train() runs: once, as far as the eval() run can tell
+        aliases = [a for a in names[id(model.get_submodule(path))] if a != path]
+        if aliases or n > 1:
+            also = f", also held as {', '.join(repr(a) for a in aliases[:3])}" if aliases else ""
+            shared[path] = f"called {n} times per forward{also}"
+    return shared
 
 
 def _execution_order(model: nn.Module, gates: Sequence[ResidualGate], x: torch.Tensor) -> list[ResidualGate]:
@@ -218,6 +240,13 @@ def _unskippable_message(unskippable: Mapping[str, str], refused: bool) -> str:
             "so and silence this.")
 
 
+def _shared_message(shared: Mapping[str, str]) -> str:
+    listed = "; ".join(f"'{p}' is {why}" for p, why in shared.items())
+    return (f"residual blocks left ungated, as one gate per module cannot decide for each of its calls: {listed}. "
+            f"Such a block runs as in the source model; give each call site a module of its own to gate it, or pass "
+            f"leaf_modules=[<the block>] to silence this.")
+
+
 def _opaque_message(model: nn.Module, failures: Mapping[str, str]) -> str:
     by_class: dict[str, list[str]] = {}
     for path in failures:
@@ -283,7 +312,8 @@ def convert(
         unchanged when any of these is raised. A ``GateifyWarning`` names what was left ungated and why: a module
         that cannot be traced but holds no block (it is called as a whole), a residual block nested inside
         another's branch (it is skipped with its outer block), a block that the example input never reaches, a
-        residual addition whose branch cannot be skipped (ReXNet's channel-slice sum).
+        residual addition whose branch cannot be skipped (ReXNet's channel-slice sum), a block the network calls
+        from several places (CoaT's shared position encodings: one gate cannot decide for each call).
     """
     _check_convertible(model)
     if config is None:
@@ -298,7 +328,9 @@ def convert(
     failures.pop("", None)  # the root is never replaced, so its own forward need not be traceable
     opaque_failures = {p: failures.pop(p) for p in list(failures) if p in opaque}
     x = _example_input(work, example_input)
-    block_inputs = _capture_block_inputs(work, [p for p in candidates if p], x)  # in call order
+    block_inputs, calls = _capture_block_inputs(work, [p for p in candidates if p], x)  # in call order
+    shared = _shared_blocks(work, block_inputs, calls)
+    block_inputs = {p: call for p, call in block_inputs.items() if p not in shared}
 
     # Each block is called as a whole from the graph of a block around it (FastViT's token mixer, torchvision's
     # encoder layers), so its residual additions are gated in its own graph and nowhere else
@@ -369,6 +401,8 @@ def convert(
             raise UntraceableModelError(untraceable_message(failures))
         if unskippable:
             raise NoResidualBlocksError(_unskippable_message(unskippable, refused=True))
+        if shared:
+            raise NoResidualBlocksError(_shared_message(shared))
         raise NoResidualBlocksError(_no_residual_message(model))
     notes = []
     nested = _nested(branch_modules)
@@ -384,7 +418,9 @@ def convert(
                      f"leaf_modules=['{inner}', ...] to keep the outer gates and silence this.")
     if unskippable:
         notes.append(_unskippable_message(unskippable, refused=False))
-    unreached = [p for p in candidates if p and p not in block_inputs and not in_a_branch(p)
+    if shared:
+        notes.append(_shared_message(shared))
+    unreached = [p for p in candidates if p and p not in block_inputs and p not in shared and not in_a_branch(p)
                  and not any(p.startswith(o + ".") for o in converted)]
     if unreached:
         notes.append(f"blocks {unreached} perform an addition but neither an eval() nor a train() run of the model "

@@ -366,6 +366,37 @@ def test_nested_residual_is_skipped_with_its_outer_block():
     assert not any(k.startswith("b1.") for k in plain.state_dict())
 
 
+class TwiceNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.b1, self.b2 = Residual(), Residual()
+
+    def forward(self, x):
+        return self.b2(self.b2(self.b1(self.stem(x)))).mean((2, 3))
+
+
+def test_a_module_called_from_several_places_is_named_and_left_ungated():
+    """CoaT holds one positional encoding (a residual ``x + conv(x)``) per stage and hands it to each block of the
+    stage, which calls it under its own name: the gate swapped in under the stage's name was never reached. A
+    block called twice under one name would record and count only its last call. Both now run as they were."""
+    x = torch.randn(2, 3, 64, 64)
+    coat = timm.create_model("coat_lite_tiny", img_size=64).eval()
+    with pytest.warns(gateify.GateifyWarning, match=r"'cpe1' is called 2 times per forward, also held as "
+                                                    r"'serial_blocks1.0.cpe', 'serial_blocks1.1.cpe'"):
+        gated = gateify.convert(coat, example_input=x)
+    names = list(gateify.gates(gated))
+    assert len(names) == 8 and not any("cpe" in n for n in names)
+    assert gated.serial_blocks1[0].cpe.proj is gated.cpe1.proj  # one set of weights, as before
+    with torch.no_grad():
+        assert torch.equal(gateify.set_mode(gated, "dense")(x), coat(x))
+        with gateify.record_decisions(gated):
+            gateify.set_mode(gated, "hard", threshold=0.0)(x)
+            assert all(g.last is not None for g in gateify.gates(gated).values())  # every gate is reached
+    with pytest.warns(gateify.GateifyWarning, match=r"'b2' is called 2 times per forward\. "):
+        assert list(gateify.gates(gateify.convert(TwiceNet(), example_input=x[:, :, :8, :8]))) == ["b1"]
+
+
 class TrainOnlyNet(nn.Module):
     """A block that only training runs (an auxiliary path, say): an eval-mode forward never reaches it."""
 
