@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=0.05, help="fine-tuning learning rate (controllers get x10)")
     train.add_argument("--batch-size", type=int, default=128, help="per process")
     train.add_argument("--weight-decay", type=float, default=5e-4)
+    train.add_argument("--opt", choices=("sgd", "adamw"), default="sgd",
+                       help="optimizer of both phases: SGD with Nesterov momentum, or AdamW (a ViT trained from "
+                            "scratch; give it a smaller --dense-lr/--lr, e.g. 1e-3, and a larger --weight-decay)")
     train.add_argument("--grad-clip", type=float, default=5.0, help="gradient norm clipping of fine-tuning (0: off)")
     train.add_argument("--distill", type=float, default=1.0, help="weight of distillation from the dense model")
     train.add_argument("--method", default="static", choices=("static", "routed", "cascade", "gated"),
@@ -182,7 +185,7 @@ def train_dense(model: torch.nn.Module, train: DataLoader, test: DataLoader, arg
         _logger.info("dense model from %s (resumed)", dense_path)
         return model
     cfg = TrainConfig(epochs=args.dense_epochs, lr=args.dense_lr, weight_decay=args.weight_decay, amp=args.amp,
-                      seed=args.seed, warmup_epochs=min(2.0, args.dense_epochs / 10))
+                      seed=args.seed, warmup_epochs=min(2.0, args.dense_epochs / 10), optimizer=args.opt)
     wrapped = DistributedDataParallel(model) if world > 1 else model
 
     def after(epoch: int, stats: dict[str, float]) -> dict[str, float]:
@@ -267,7 +270,7 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
         wrapped = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, amp=args.amp,
                           seed=args.seed + 1, distill_weight=args.distill, grad_clip=args.grad_clip,
-                          self_distill=self_distill, survivors=args.survivors)
+                          self_distill=self_distill, survivors=args.survivors, optimizer=args.opt)
 
         def after(epoch: int, stats: dict[str, float]) -> dict[str, float]:
             if not logged_epoch(epoch, cfg.epochs, args):
@@ -399,7 +402,7 @@ def report(kind: str, model: torch.nn.Module, dense: torch.nn.Module, data: Data
         "input_size": data.input_size, "fit": data.fit, "method": args.method if args.baseline == "none" else None,
         "preset": args.preset if kind != "dense_continued" else None,
         "target": target_of(args) if kind != "dense_continued" else None,
-        "gate": args.gate if kind == "gated" else None, "epochs": args.epochs,
+        "gate": args.gate if kind == "gated" else None, "epochs": args.epochs, "optimizer": args.opt,
         "dense_epochs": 0 if args.init else args.dense_epochs, "test_acc": result.accuracy,
         "val_acc": evaluate(model, val, device, channels_last=cl).accuracy,
         "source_test_acc": source_acc, "dense_macs": dense_macs, "executed_macs": counted.executed_macs,

@@ -56,10 +56,23 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     amp: bool = False
     seed: int = 0
+    optimizer: str = "sgd"  # or "adamw": decoupled weight decay, what transformers trained from scratch are given
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainingError(f"optimizer={self.optimizer!r}: choose one of {list(OPTIMIZERS)}.")
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD; no weight decay on 1-D parameters (BatchNorm, biases); gate controllers at ``controller_lr_mult`` x lr."""
+#: TrainConfig.optimizer -> how it is built from parameter groups (momentum/nesterov are SGD's)
+OPTIMIZERS = {
+    "sgd": lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov),
+    "adamw": lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr),
+}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` (SGD or AdamW); no weight decay on 1-D parameters (norms, biases, layer scales); gate
+    controllers at ``controller_lr_mult`` x lr."""
     controller = {id(p) for g in gates(model).values() for p in g.parameters()}  # gates() looks through DDP
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
@@ -69,7 +82,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
                "weight_decay": 0.0 if flat else cfg.weight_decay} for (ctrl, flat), ps in sorted(groups.items())]
     for group in params:
         group["initial_lr"] = group["lr"]
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return OPTIMIZERS[cfg.optimizer](params, cfg)
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, progress_epochs: float) -> None:

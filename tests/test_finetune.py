@@ -154,11 +154,12 @@ def test_a_vit_built_with_model_kwargs_prunes_and_its_file_rebuilds_it(tmp_path)
     """Issue 22: `--model-kwargs` (timm train.py's form) builds a ViT for the dataset's 16x16 images; static pruning
     drops whole residuals (attention or MLP) and the saved file alone rebuilds that ViT with its pruned blocks."""
     vit = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=4", "embed_dim=32",
-           "depth=2", "num_heads=2", "--input-size", "16"]
+           "depth=2", "num_heads=2", "--input-size", "16", "--opt", "adamw", "--dense-lr", "1e-3", "--lr", "1e-3"]
     out = tmp_path / "vit"
     metrics = finetune_cifar.run(finetune_cifar.build_parser().parse_args(TINY + vit + ["--out", str(out)]))
     assert metrics["kind"] == "static" and metrics["model_kwargs"] == {"img_size": 16, "patch_size": 4,
                                                                        "embed_dim": 32, "depth": 2, "num_heads": 2}
+    assert metrics["optimizer"] == "adamw"
     assert 0 < metrics["flops_saved"] < 1
     model = gateify.load(out / "static.safetensors").eval()
     assert model.patch_embed.img_size == (16, 16) and len(model.blocks) == 2
@@ -203,8 +204,9 @@ def gated_model():
     return gateify.convert(gateify.create_model("resnet20"))
 
 
-def test_resume_after_kill_repeats_the_uninterrupted_run(tmp_path):
-    cfg = TrainConfig(epochs=3, lr=0.05)
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resume_after_kill_repeats_the_uninterrupted_run(tmp_path, optimizer):
+    cfg = TrainConfig(epochs=3, lr=0.05 if optimizer == "sgd" else 1e-3, optimizer=optimizer)
     reference = gated_model()
     report = gateify.flops(reference.eval(), torch.randn(2, 3, 32, 32))
     fit(reference, tiny_loader(), cfg, torch.device("cpu"), regularizer=gateify.GateRegularizer(reference, report))
@@ -337,3 +339,8 @@ def test_evaluate_runs_the_whole_model_when_a_submodule_is_named_module():
     model = Wrapped()
     result = evaluate(model, known_answer_loader(model, right=48), torch.device("cpu"))
     assert result.accuracy == 1.0
+
+
+def test_an_unknown_optimizer_is_named_with_the_choices():
+    with pytest.raises(TrainingError, match=r"optimizer='adam': choose one of \['sgd', 'adamw'\]"):
+        TrainConfig(epochs=1, optimizer="adam")
