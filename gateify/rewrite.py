@@ -71,6 +71,31 @@ def roll(x: torch.Tensor, shifts: Any, dims: Any = None) -> torch.Tensor:
     return x
 
 
+def adaptive_avg_pool(x: torch.Tensor, output_size: Any) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d``; to ``1x1``, while a graph is traced, the mean over the last two dimensions.
+
+    On a sub-batch whose size is data-dependent (routing's escalated samples), the pool's decomposition asks whether
+    that size exceeds 1 for a strided input (a ConvNeXt's head), which torch.export cannot decide; the mean asks
+    nothing of the batch. Eager calls the pool itself."""
+    if torch.compiler.is_compiling() and output_size in (1, (1, 1), [1, 1]):
+        return x.mean((-2, -1), keepdim=True)
+    return F.adaptive_avg_pool2d(x, output_size)
+
+
+def exportable_pools(graph: fx.Graph, root: nn.Module) -> None:
+    """Route ``graph``'s 2-D adaptive average pools (module calls and ``F.adaptive_avg_pool2d``) through
+    :func:`adaptive_avg_pool`: for a graph that runs on a sub-batch of data-dependent size."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+            node.target = adaptive_avg_pool
+        elif node.op == "call_module" and isinstance(root.get_submodule(node.target), nn.AdaptiveAvgPool2d):
+            with graph.inserting_before(node):
+                pooled = graph.call_function(adaptive_avg_pool,
+                                             (node.args[0], root.get_submodule(node.target).output_size))
+            node.replace_all_uses_with(pooled)
+            graph.erase_node(node)
+
+
 def _exportable_sub_batch(graph: fx.Graph) -> None:
     """Make a branch graph traceable on a sub-batch of unknown size (undone by :func:`inline_block`): calls to
     ``torch.roll`` go through :func:`roll`, and the ``attn_mask`` of every ``F.scaled_dot_product_attention``

@@ -32,6 +32,7 @@ from torch import fx, nn
 
 from .errors import GateConfigError
 from .modes import restore_training_flags, training_flags
+from .rewrite import exportable_pools
 from .tracing import GateifyTracer
 
 __all__ = ["Segment", "RoutePlan", "plan_routes", "trace_network", "trace_modes", "inline_graph"]
@@ -263,6 +264,8 @@ def plan_routes(root: nn.Module, top: fx.Graph, prefixes: Sequence[str], block_g
                 with graph.inserting_after(value):
                     copies[value] = graph.call_method("clone", (value,))
         graph.output((env[output.args[0]], *[copies.get(v, v) for v in carried]))
+        if k:  # a deeper level runs on the escalated samples: a sub-batch of data-dependent size
+            exportable_pools(graph, root)
         if rewrite is not None:
             rewrite(k, graph)
         graph.lint()

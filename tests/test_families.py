@@ -556,6 +556,21 @@ def test_a_routed_vit_round_trips_its_file_and_exports(tmp_path):
         torch.testing.assert_close(torch.export.export(routed, (x,)).module()(x), expected)
 
 
+def test_a_routed_convnext_exports_with_its_head_pool_on_the_sub_batch():
+    """The escalated samples' segment ends in ConvNeXt's head, whose adaptive average pool on a strided sub-batch of
+    data-dependent size asked torch.export whether that size exceeds 1; it is the spatial mean there."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    model = perturb_batchnorm(timm.create_model("test_convnext", num_classes=10)).eval()  # timm's own test model
+    gated = gateify.convert(model, example_input=x[:2]).eval()
+    names = list(gateify.gates(gated))
+    routed = assert_routes_as_its_paths(gated, [{n: False for n in names[len(names) // 2:]}, {names[-1]: False}], x)
+    with torch.no_grad():
+        levels = routed.forward_routes(x).levels
+        assert 0 < int(levels.sum()) < len(x)  # some samples escalate, some do not
+        torch.testing.assert_close(torch.export.export(routed, (x,)).module()(x), routed(x))
+
+
 def test_a_routed_vits_segment_flops_count_its_attention():
     """The dense count and path 0's segment are the per-block counter's numbers: on a CPU attention runs as one
     fused kernel that torch's own counter leaves out, and routing counts it like every other count does."""
