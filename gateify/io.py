@@ -255,7 +255,11 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, **con
                                f"weights of the source model use gateify.load_dense(model, '{path}').")
     version, arch, config, modes = _parse_metadata(path, metadata)
     routing = _json_field(path, metadata, "routing")
-    for key, kept in (_json_field(path, metadata, "tied") or {}).items():  # written once by save
+    tied = _json_field(path, metadata, "tied") or {}  # names written once by save
+    if not isinstance(tied, dict):
+        raise WeightsFileError(f"'{path}' has damaged gateify metadata (tied: {tied!r}); write it again with "
+                               f"gateify.save.")
+    for key, kept in tied.items():
         if kept not in tensors:
             raise WeightsFileError(f"'{path}' lists '{key}' as tied to '{kept}', which the file does not hold; the "
                                    f"file is damaged: save the model again.")

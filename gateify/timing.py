@@ -35,9 +35,9 @@ def measure_latency_spread(fns: Mapping[str, Callable[[], object]], device: torc
                            setups: Optional[Mapping[str, Callable[[], object]]] = None) -> dict[str, Spread]:
     """Milliseconds per call of each ``fn`` after ``warmup`` calls, interleaved round-robin so that drift (clock,
     cache, other load) hits every variant alike; CUDA events and synchronisation on a GPU. Each round runs the
-    variants in the next order of a balanced Latin square (:func:`_balanced_orders`), so that within the rounds every variant follows
-    every other equally often: what ran just before a call (a large model evicting a small one's weights from the
-    caches) is no one variant's handicap.
+    variants in the next order of a balanced Latin square (:func:`_balanced_orders`), so that within the rounds
+    every variant follows every other equally often: what ran just before a call (a large model evicting a small
+    one's weights from the caches) is no one variant's handicap.
 
     ``setups[key]``, where given, runs before every call of ``fns[key]`` and is not timed: it puts a model shared
     by several variants into that variant's state (one compiled model, several forced decisions).
