@@ -41,10 +41,8 @@ wall time on that loaded machine); the test's smoke run (--quick --dataset digit
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import json
 import logging
-import multiprocessing
 import os
 import statistics
 import sys
@@ -276,8 +274,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             for seed in seeds:
                 dense_phase(args, seed, threads)
             results = [run_task(args, task, threads) for task in work]
-        else:  # independent runs: a process each (spawned: no torch state is forked)
-            with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        else:  # independent runs: a process each
+            with pareto.worker_pool(jobs) as pool:
                 list(pool.map(dense_phase, [args] * len(seeds), seeds, [threads] * len(seeds)))
                 results = list(pool.map(run_task, [args] * len(work), work, [threads] * len(work)))
     except finetune_cifar.gateify.GateifyError as e:

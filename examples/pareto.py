@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import statistics
 import sys
+import threading
 import time
 from typing import Any, Optional
 
@@ -100,6 +101,23 @@ def run_one(args: argparse.Namespace, seed: int, name: str, **changes: Any) -> d
     metrics = finetune_cifar.run(sub)
     metrics["run"] = sub.out
     return metrics
+
+
+def _exit_with(parent: int) -> None:
+    """A worker's initializer: exit as soon as the sweep that started it is gone. Spawned workers outlive a parent
+    killed alone (``kill``, a timeout) and would go on training into the run folders a ``--resume`` rerun uses."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def worker_pool(jobs: int) -> futures.ProcessPoolExecutor:
+    """``jobs`` spawned processes (no torch state is forked) that die with this one."""
+    return futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with,
+                                       initargs=(os.getpid(),))
 
 
 def threads_per_job(jobs: int) -> int:
@@ -398,8 +416,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         if jobs == 1:
             results = [run_seed(args, seed, threads) for seed in seeds]
-        else:  # seeds are independent: a process each (spawned: no torch state is forked)
-            with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        else:  # seeds are independent: a process each
+            with worker_pool(jobs) as pool:
                 results = list(pool.map(run_seed, [args] * len(seeds), seeds, [threads] * len(seeds)))
     except finetune_cifar.gateify.GateifyError as e:
         print(f"error: {e}", file=sys.stderr)

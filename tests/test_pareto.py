@@ -101,3 +101,42 @@ def test_each_job_gets_its_share_of_the_cores_within_the_thread_limit(monkeypatc
         assert pareto.threads_per_job(1) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_killed_sweeps_workers_exit_with_it(tmp_path):
+    """Killed alone, a sweep left its spawned workers training into the run folders a --resume rerun uses."""
+    import os
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    script = (f"import os, sys, time; sys.path.insert(0, {str(Path(pareto.__file__).parent)!r}); import pareto\n"
+              f"with pareto.worker_pool(1) as pool:\n"
+              f"    pid = pool.submit(os.getpid).result()\n"
+              f"    open({str(pid_file)!r}, 'w').write(str(pid))\n"
+              f"    pool.submit(time.sleep, 600).result()\n")
+    sweep = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 120
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.time() < deadline and sweep.poll() is None, "the worker never started"
+            time.sleep(0.2)
+        worker = int(pid_file.read_text())
+    finally:
+        sweep.kill()
+        sweep.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        try:  # a zombie, reaped by nobody here, has exited too
+            with open(f"/proc/{worker}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.2)
+    os.kill(worker, 9)
+    pytest.fail("the worker outlived its sweep by 30 s")
