@@ -204,7 +204,7 @@ class _Counter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.gates = gates(model)
-        self.mode = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
+        self.mode: Optional[FlopCounterMode] = None  # counting_flops' counter, while and after run()
         self.branch = {name: 0 for name in self.gates}
         self.controller = {name: 0 for name in self.gates}
         self.kept = {name: 0.0 for name in self.gates}
@@ -231,7 +231,7 @@ class _Counter:
             handles += self._attribute(gate.scorer, self.controller, name)
         device = model_device(self.model)
         try:
-            with torch.no_grad(), _no_parameter_grads(self.model), self.mode, record_decisions(self.model):
+            with torch.no_grad(), counting_flops(self.model) as self.mode, record_decisions(self.model):
                 for x in batches:
                     if routes is not None:
                         levels = routes(x.to(device)).levels.cpu()

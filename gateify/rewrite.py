@@ -88,10 +88,12 @@ def exportable_pools(graph: fx.Graph, root: nn.Module) -> None:
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
             node.target = adaptive_avg_pool
-        elif node.op == "call_module" and isinstance(root.get_submodule(node.target), nn.AdaptiveAvgPool2d):
+        elif node.op == "call_module":
+            pool = root.get_submodule(node.target)
+            if not isinstance(pool, nn.AdaptiveAvgPool2d):
+                continue
             with graph.inserting_before(node):
-                pooled = graph.call_function(adaptive_avg_pool,
-                                             (node.args[0], root.get_submodule(node.target).output_size))
+                pooled = graph.call_function(adaptive_avg_pool, (node.args[0], pool.output_size))
             node.replace_all_uses_with(pooled)
             graph.erase_node(node)
 
