@@ -501,7 +501,8 @@ def run_routed_setting(s: RoutedSetting, args: argparse.Namespace, device: torch
     repeats = args.repeats * (4 if s.batch == 1 else 1)
     start = time.perf_counter()
     with torch.inference_mode():
-        ms = {k: v.median for k, v in measure_latency_spread(fns, device, args.warmup + 2, repeats).items()}
+        ms = {k: v.median for k, v in measure_latency_spread(fns, device, args.warmup + 2, repeats,
+                                                                  min_sample_ms=args.min_sample_ms).items()}
     _logger.info("%s: timed in %.0f s; %s", s.label, time.perf_counter() - start,
                  ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
     saved = 1 - executed / dense_flops
@@ -642,6 +643,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats (x4 at batch 1); the median is kept")
+    parser.add_argument("--min-sample-ms", type=float, default=0.0,
+                        help="--routed: time back-to-back calls, as many per sample as the slowest variant needs to "
+                             "fill this many ms (0: single calls, each right after another variant's)")
     parser.add_argument("--grid", choices=["default", "curves", "curves-eager", "routed", "routed-quick"],
                         default="default",
                         help="default: about 4 min on 2 CPU cores; curves: every model x batch 1..256, eager and "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable, Mapping, NamedTuple, Optional
@@ -32,7 +33,8 @@ def _balanced_orders(n: int) -> list[list[int]]:
 
 
 def measure_latency_spread(fns: Mapping[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
-                           setups: Optional[Mapping[str, Callable[[], object]]] = None) -> dict[str, Spread]:
+                           setups: Optional[Mapping[str, Callable[[], object]]] = None,
+                           min_sample_ms: float = 0.0) -> dict[str, Spread]:
     """Milliseconds per call of each ``fn`` after ``warmup`` calls, interleaved round-robin so that drift (clock,
     cache, other load) hits every variant alike; CUDA events and synchronisation on a GPU. Each round runs the
     variants in the next order of a balanced Latin square (:func:`_balanced_orders`), so that within the rounds
@@ -41,13 +43,21 @@ def measure_latency_spread(fns: Mapping[str, Callable[[], object]], device: torc
 
     ``setups[key]``, where given, runs before every call of ``fns[key]`` and is not timed: it puts a model shared
     by several variants into that variant's state (one compiled model, several forced decisions).
+
+    ``min_sample_ms``: each timed sample is the mean of as many back-to-back calls (at most 32) as the slowest
+    variant's last warm-up call needs to reach it. A served model runs call after call; a single call timed right
+    after another model's is timed cold (a 0.5 ms network took 0.8 ms so), and that penalty is not the variant's.
     """
     setups = setups or {}
+    slowest = 0.0
     for key, fn in fns.items():
         for _ in range(warmup):
             if key in setups:
                 setups[key]()
+            t0 = time.perf_counter()
             fn()
+        slowest = max(slowest, (time.perf_counter() - t0) * 1e3) if warmup else slowest
+    calls = max(1, min(32, math.ceil(min_sample_ms / slowest))) if min_sample_ms > 0 and slowest > 0 else 1
     times: dict[str, list[float]] = {k: [] for k in fns}
     keys = list(fns)
     orders = _balanced_orders(len(keys))
@@ -60,14 +70,16 @@ def measure_latency_spread(fns: Mapping[str, Callable[[], object]], device: torc
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 torch.cuda.synchronize(device)
                 start.record()
-                fn()
+                for _ in range(calls):
+                    fn()
                 end.record()
                 torch.cuda.synchronize(device)
-                times[key].append(start.elapsed_time(end))
+                times[key].append(start.elapsed_time(end) / calls)
             else:
                 t0 = time.perf_counter()
-                fn()
-                times[key].append((time.perf_counter() - t0) * 1e3)
+                for _ in range(calls):
+                    fn()
+                times[key].append((time.perf_counter() - t0) * 1e3 / calls)
     out = {}
     for key, values in times.items():
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -283,3 +284,21 @@ def test_latency_interleaving_gives_every_variant_every_predecessor_equally_ofte
         pairs = [(order[i - 1], order[i]) for order in timed for i in range(1, n)]
         counts = {(p, k): pairs.count((p, k)) for p in keys for k in keys if p != k}
         assert len(set(counts.values())) == 1, counts  # every ordered pair adjacent equally often
+
+
+def test_latency_samples_can_be_bursts_of_back_to_back_calls():
+    """A served model runs call after call: with ``min_sample_ms`` each timed sample is the mean of enough
+    back-to-back calls of one variant to fill it (sized from the slowest variant), not one call on cold caches."""
+    from gateify.timing import measure_latency_spread
+
+    calls: list[str] = []
+    fns = {"fast": lambda: calls.append("fast"), "slow": lambda: (calls.append("slow"), time.sleep(0.002))}
+    spread = measure_latency_spread(fns, torch.device("cpu"), warmup=1, repeats=4, min_sample_ms=10)
+    burst, rest = divmod(len(calls) - 2, 8)  # 2 variants x 4 rounds of samples after one warm-up call each
+    assert rest == 0 and 2 <= burst <= 5  # 10 ms of 2 ms calls per sample
+    first = calls[2:2 + 2 * burst]  # round 0: one variant's burst, then the other's
+    assert len(set(first[:burst])) == 1 and len(set(first[burst:])) == 1 and first[0] != first[-1]
+    assert spread["slow"].median >= 2.0 > spread["fast"].median  # per call, not per burst
+    calls.clear()
+    measure_latency_spread(fns, torch.device("cpu"), warmup=1, repeats=4)
+    assert len(calls) == 2 + 8  # the default: one call per sample

@@ -3,6 +3,7 @@ FLOPs and thresholds are what inference pays, training reaches every path (the p
 call, files round-trip, bad plans are refused. Export, ONNX and compile of routed models: tests/test_export.py."""
 
 import copy
+import sys
 import threading
 
 import pytest
@@ -10,6 +11,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import gateify
@@ -100,6 +102,90 @@ def test_nothing_before_the_departure_point_runs_twice(routed, batch):
     expected = {"conv1": 24, "layer1.1": 24, "layer2.0": 24, "layer2.1": 24, "layer2.2": deeper, "layer3.0": deeper,
                 "layer3.1": deeper}
     assert {k.removeprefix("network.").removesuffix(".conv1"): v for k, v in seen.items()} == expected
+
+
+class CountClones(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.clones = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.clones += func is torch.ops.aten.clone.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_without_gradients_a_skipped_block_copies_only_what_is_read_again(routed, batch):
+    """A skipped block's static form copies its input for its in-place activation; inlined into a segment that copy
+    is dropped where nothing else reads the input (ResNet-20's cheap path skips 6 blocks: one input is also carried
+    on for the deep path and stays copied). With gradients on, every copy stays: autograd needs them."""
+    routed.threshold.fill_(1.0)  # nobody is unsure enough: path 0 alone
+    with torch.no_grad(), CountClones() as counted:
+        out = routed(batch)
+    assert counted.clones == 1
+    assert torch.allclose(out, alone(routed, CHEAP, batch), atol=1e-5)
+    x = batch.clone().requires_grad_(True)
+    routed(x).square().sum().backward()  # an in-place op on a value saved for backward would raise here
+    x2 = batch.clone().requires_grad_(True)
+    routed.path(0).eval()(x2).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+
+
+class SiluBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.SiLU(inplace=True)
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)) + x)
+
+
+class ReadsAgain(nn.Module):
+    """The head reads the first block's output again after the others: a skipped block must not act on it in place
+    (SiLU of a positive value is not the value, so a missing copy would show)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.b1, self.b2, self.b3 = nn.Conv2d(3, 8, 3, padding=1), SiluBlock(8), SiluBlock(8), SiluBlock(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        a = self.b1(self.stem(x))
+        return self.fc((self.b3(self.b2(a)) + a).mean((2, 3)))
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.0])  # every sample stays on path 0 / goes on to path 1
+def test_a_skipped_blocks_input_read_again_later_keeps_its_copy(batch, threshold):
+    torch.manual_seed(0)
+    model = perturb_batchnorm(ReadsAgain().eval(), 0)
+    cheap, deep = {"b2": False, "b3": False}, {"b3": False}
+    routed = gateify.route(gateify.convert(copy.deepcopy(model)), [cheap, deep]).eval()
+    routed.threshold.fill_(threshold)
+    with torch.no_grad():
+        out = routed(batch)
+        expected = gateify.to_static(gateify.convert(model), keep=deep if threshold == 0.0 else cheap).eval()(batch)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_a_segment_looks_each_module_up_once_per_call(routed, batch, monkeypatch):
+    """Generated fx code reads ``getattr(self.network.layer1, "0").conv1`` for every op: a Python call per dot, which
+    at batch 1 cost a routed ResNet-20 more than its plain path's module calls (issue 19). The segment's own code
+    looks each module on the way up once per call."""
+    segment = routed._plans[False].segments[0]
+    targets = {n.target for n in segment.graph.nodes if n.op in ("call_module", "get_attr")}
+    on_the_way = {".".join(t.split(".")[:i]) for t in targets for i in range(1, t.count(".") + 2)}
+    lookups = []
+    plain = nn.Module.__getattr__
+
+    def counting(self, name):
+        if sys._getframe(1).f_code.co_filename.startswith("<gateify route_segment"):  # the generated code's own
+            lookups.append(name)
+        return plain(self, name)
+
+    monkeypatch.setattr(nn.Module, "__getattr__", counting)
+    with torch.no_grad():
+        segment(routed, batch)
+    monkeypatch.undo()
+    assert 0 < len(lookups) <= len(on_the_way)
 
 
 def test_paths_that_part_early_start_where_they_part(batch):
