@@ -443,6 +443,8 @@ def _onnx_session(module: nn.Module, example: torch.Tensor, threads: int, path: 
     program.save(str(path))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # several sessions share the cores: a session's threads spinning after its run would slow the next one's
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda t: session.run(None, {name: t})
@@ -488,12 +490,16 @@ def run_routed_setting(s: RoutedSetting, args: argparse.Namespace, device: torch
                 else copy.deepcopy(routed).compile_segments(**options))
         run = {"dense": torch.compile(dense, **options), "routed": fast, "path0": torch.compile(path0, **options),
                "deep": torch.compile(deep, **options), "segment": torch.compile(segment, **options)}
-    else:
+    else:  # "onnx": the routed model as one graph (its escalation an ONNX If); "onnx-segments": one graph per level
         folder = Path(tempfile.mkdtemp(prefix="gateify-onnx-"))
+        whole = s.runtime == "onnx"
         run = {key: _onnx_session(m, x if key != "segment" else (h if idx.numel() else outs[1]), args.threads,
                                   folder / f"{key}.onnx")
                for key, m in (("dense", dense), ("routed", routed), ("path0", path0), ("deep", deep),
-                              ("segment", segment))}
+                              ("segment", segment)) if whole or key != "routed"}
+        if not whole:
+            run["routed"] = gateify.OnnxRoutedSession(gateify.export_onnx_segments(routed, x, folder / "routed"),
+                                                      threads=args.threads)
         x, h = x.cpu().numpy(), h.cpu().numpy()
     fns = {"dense": lambda: run["dense"](x), "routed": lambda: run["routed"](x), "path0": lambda: run["path0"](x),
            "deep": lambda: run["deep"](x)}
@@ -660,9 +666,10 @@ def main() -> None:
                         help="with --cases: also each model exported to ONNX and run in onnxruntime (CPU, fp32)")
     parser.add_argument("--routed", action="store_true",
                         help="with --cases: routed models (eager, compiled, onnxruntime) instead of gates")
-    parser.add_argument("--runtimes", default="eager,compiled,onnx",
+    parser.add_argument("--runtimes", default="eager,compiled,onnx,onnx-segments",
                         help="routed models: which of eager, compiled (gateify.compile: one graph), segments (each "
-                             "segment compiled alone: CUDA graphs on a GPU), onnx (onnxruntime on the CPU) to time")
+                             "segment compiled alone: CUDA graphs on a GPU), onnx (onnxruntime on the CPU, one graph "
+                             "with an If), onnx-segments (one graph per level, gateify.OnnxRoutedSession) to time")
     parser.add_argument("--amp", action="store_true", help="with --cases: autocast (bfloat16 on CPU, float16 on CUDA)")
     parser.add_argument("--channels-last", action="store_true", help="with --cases: channels_last model and input")
     parser.add_argument("--masked", action="store_true", help="also time masking (every branch on the whole batch)")

@@ -57,6 +57,8 @@ _EXPORTS = {
     "RouteLoss": "routing",
     "RoutePreset": "routing",
     "ROUTE_PRESETS": "routing",
+    "export_onnx_segments": "onnx_segments",
+    "OnnxRoutedSession": "onnx_segments",
     # static depth pruning
     "set_static": "static",
     "select_blocks": "static",
@@ -96,8 +98,8 @@ _EXPORTS = {
 }
 
 _SUBMODULES = ("accounting", "cifar_resnet", "cli", "compiling", "conversion", "data", "errors", "gate", "io",
-               "matching", "models", "modes", "regularizer", "rewrite", "routing", "segments", "static", "timing",
-               "tracing", "training")
+               "matching", "models", "modes", "onnx_segments", "regularizer", "rewrite", "routing", "segments",
+               "static", "timing", "tracing", "training")
 
 __all__ = [*_EXPORTS, "__version__"]
 
@@ -129,6 +131,7 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .compiling import compile
     from .modes import evaluating, gate_mode, gates, keep_rates, record_decisions, set_mode, unwrap
     from .regularizer import PRESETS, GateRegularizer, LossTerms, RegularizerConfig, distill_loss
+    from .onnx_segments import OnnxRoutedSession, export_onnx_segments
     from .routing import (ROUTE_PRESETS, RouteLoss, RoutedModel, RoutePreset, cascade, is_routed, level_shares,
                           route, routing_paths, select_paths)
     from .static import seed_gates, select_blocks, set_static, static_flops_fraction, static_twin

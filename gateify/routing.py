@@ -360,8 +360,22 @@ class RoutedModel(nn.Module):
         def stay(logits: torch.Tensor, unsure: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
             return logits.clone()
 
+        def every(logits: torch.Tensor, unsure: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
+            sub = regroup(flat)
+            outs = plan.segments[k](self, *sub.pop(k))
+            sub.update(plan.split(k, outs[1:]))
+            return self._escalate_graph(plan, k + 1, outs[0], sub).to(logits.dtype)
+
+        def some(logits: torch.Tensor, unsure: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
+            return torch.cond(unsure.all(), every, deeper, (logits, unsure, *flat))
+
         unsure = self._escalates(logits, k)
-        return torch.cond(unsure.any(), deeper, stay, (logits, unsure, *flat))
+        if torch.compiler.is_exporting():  # one cond: export cannot yet prove a nested cond's sides the same shape
+            return torch.cond(unsure.any(), deeper, stay, (logits, unsure, *flat))
+        # compiled: every sample unsure (a batch of one that goes on) runs the deeper segment on the whole batch, at
+        # its static shape, with no gather and no scatter (the data-dependent sub-batch cost 0.3 ms more at batch 1);
+        # checked second, so that a batch that stays pays for one cond
+        return torch.cond(unsure.any(), some, stay, (logits, unsure, *flat))
 
     def compile_segments(self, *, buckets: bool = True, **compile_kwargs: Any) -> "RoutedModel":
         """Compile each level's code on its own with ``torch.compile(**compile_kwargs)``; the step between levels

@@ -248,6 +248,10 @@ def test_inductor_compiles_a_routed_model_channels_last():
             levels = routed.forward_routes(x).levels
             assert 0 < int(levels.sum()) < len(x)  # some samples escalated, some not: both sides of the cond run
             torch.testing.assert_close(compiled(x), routed(x), rtol=1e-4, atol=1e-4)
+            for everyone in (0.0, 1.0):  # every sample on (the whole batch, no gather), none: the same graph
+                routed.threshold.fill_(everyone)
+                assert int(routed.forward_routes(x).levels.sum()) == (len(x) if everyone == 0.0 else 0)
+                torch.testing.assert_close(compiled(x), routed(x), rtol=1e-4, atol=1e-4)
     finally:
         torch._dynamo.reset()
 
@@ -269,6 +273,34 @@ def test_a_routed_model_runs_in_onnxruntime(routed, routed_program, tmp_path):
             x = batch(n, seed)
             got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
             assert (got - routed(x)).abs().max() <= 1e-4
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")),
+                    reason="ONNX export needs onnx, onnxscript and onnxruntime: pip install -e '.[dev]'")
+def test_a_routed_model_runs_as_one_onnx_graph_per_level(routed, tmp_path):
+    """export_onnx_segments + OnnxRoutedSession: each level its own main graph (onnxruntime optimises an If's
+    subgraph less), the step between levels in NumPy: the routed logits and routes on every escalation set."""
+    folder = gateify.export_onnx_segments(routed, batch(16, 1), tmp_path / "routed")
+    assert sorted(p.name for p in folder.iterdir()) == ["routing.json", "segment_0.onnx", "segment_1.onnx"]
+    session = gateify.OnnxRoutedSession(folder, threads=1)
+    seen = set()
+    with torch.no_grad():
+        for n, seed in escalation_sets():
+            x = batch(n, seed)
+            out, levels = routed.forward_routes(x)
+            got, got_levels = session.run_routes(x.numpy())
+            seen.add((n, int(levels.sum())))
+            assert (torch.from_numpy(got) - out).abs().max() <= 1e-4
+            assert (got_levels == levels.numpy()).all()
+            assert (torch.from_numpy(session(x.numpy())) - out).abs().max() <= 1e-4
+    assert any(e == 0 for _, e in seen) and any(0 < e < n for n, e in seen) and any(e == n for n, e in seen)  # none, some, all
+    (folder / "segment_1.onnx").unlink()
+    with pytest.raises(gateify.WeightsFileError, match="segment_1.onnx is missing"):
+        gateify.OnnxRoutedSession(folder)
+    with pytest.raises(gateify.WeightsFileError, match="export_onnx_segments"):
+        gateify.OnnxRoutedSession(tmp_path)
+    with pytest.raises(gateify.GateConfigError, match="eval"):
+        gateify.export_onnx_segments(copy.deepcopy(routed).train(), batch(2, 1), tmp_path / "train")
 
 
 def test_segments_compiled_on_their_own_with_buckets_equal_eager(routed):
