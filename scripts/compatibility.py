@@ -271,6 +271,10 @@ def build(name: str, size: int) -> tuple[nn.Module, dict, torch.Tensor]:
     was built with, and a batch of ``BATCH`` inputs."""
     keyword = _fixed_input_size(name)
     sizes = [s for s in SIZES if s >= size]
+    cfg = None if name.startswith("tv:") else timm.models.get_pretrained_cfg(name)
+    own = int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else None
+    if own is not None and own not in sizes and own >= size:  # CrossViT runs at its 240 (two patch sizes) only
+        sizes.append(own)
     model, error = None, None
     for s in sizes:
         kwargs = {keyword: s} if keyword else {}

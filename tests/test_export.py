@@ -303,6 +303,29 @@ def test_a_routed_model_runs_as_one_onnx_graph_per_level(routed, tmp_path):
         gateify.export_onnx_segments(copy.deepcopy(routed).train(), batch(2, 1), tmp_path / "train")
 
 
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")),
+                    reason="ONNX export needs onnx, onnxscript and onnxruntime: pip install -e '.[dev]'")
+def test_three_levels_as_onnx_graphs_hand_each_level_what_it_starts_from(tmp_path):
+    """Level 2 departs before level 1 does (layer1.2 < layer3.1), so level 0 hands it its activation through level
+    1's sub-batch: the NumPy driver follows the plan's sources and carries as RoutedModel does."""
+    late = {"layer1.0": False, "layer1.2": False, "layer2.1": False, "layer2.2": False, "layer3.1": False,
+            "layer3.2": False}
+    torch.manual_seed(0)
+    model = perturb_batchnorm(gateify.create_model("resnet20", num_classes=10)).eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(20)
+    routed = gateify.route(gateify.convert(model), [late, {**late, "layer3.1": True},
+                                                   {**late, "layer3.1": True, "layer1.2": True}]).eval()
+    routed.threshold.copy_(torch.tensor([0.3, 0.01]))
+    session = gateify.OnnxRoutedSession(gateify.export_onnx_segments(routed, batch(8, 1), tmp_path), threads=1)
+    x = batch(24, 5)
+    with torch.no_grad():
+        out, levels = routed.forward_routes(x)
+    got, got_levels = session.run_routes(x.numpy())
+    assert set(levels.tolist()) == {0, 1, 2}  # every level in use
+    assert (got_levels == levels.numpy()).all() and (torch.from_numpy(got) - out).abs().max() <= 1e-4
+
+
 def test_segments_compiled_on_their_own_with_buckets_equal_eager(routed):
     """routed.compile_segments: each level's code compiled alone (CUDA graphs per segment on a GPU with
     mode='reduce-overhead'), deeper sub-batches padded to powers of two and trimmed again."""
