@@ -625,6 +625,11 @@ class ResidualGate(nn.Module):
         def none_kept(shortcut: torch.Tensor, keep: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
             return shortcut.clone(memory_format=fmt)
 
+        base = shortcut._base
+        if base is not None and any(t is not shortcut and (t is base or t._base is base) for t in inputs):
+            # a view of another operand (VOLO's and CrossViT's class token, x[:, :1], beside x): a cond refuses
+            # aliased operands
+            shortcut = shortcut.clone(memory_format=fmt)
         operands = (shortcut, keep, *inputs)
         if not split_all:
             return torch.cond(keep.any(), some_kept, none_kept, operands)

@@ -106,6 +106,44 @@ def static(gated):
     return model, gateify.to_static(model).eval()
 
 
+class ClassTokenBlock(nn.Module):
+    """A residual whose shortcut is a view of the branch's input (VOLO's and CrossViT's class attention:
+    ``cls = x[:, :1] + attn(norm(x))``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        cls = x[:, :1] + self.fc(self.norm(x)).mean(1, keepdim=True)
+        return torch.cat([cls, x[:, 1:]], dim=1)
+
+
+class ClassTokenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.b1, self.b2, self.head = nn.Linear(4, 8), ClassTokenBlock(), ClassTokenBlock(), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.b2(self.b1(self.embed(x)))[:, 0])
+
+
+def test_a_shortcut_that_is_a_view_of_the_branch_input_exports():
+    """torch.cond refuses operands that alias one another; the class token's shortcut is handed over as a copy."""
+    torch.manual_seed(0)
+    tokens = torch.randn(12, 5, 4, generator=torch.Generator().manual_seed(3))
+    model = gateify.convert(ClassTokenNet(), example_input=tokens[:2]).eval()
+    mix_decisions(model, tokens)
+    gateify.set_mode(model, "hard")
+    program = torch.export.export(model, (tokens,), dynamic_shapes={"x": {0: BATCH}})
+    assert sum(n.target is torch.ops.higher_order.cond for n in program.graph.nodes) == 2
+    gateify.record_decisions(model)
+    decisions = assert_matches(program.module(), model, tokens)
+    assert 0 < int(decisions.sum()) < decisions.numel()  # some samples skip a block, some do not
+    for x in (tokens[:3], tokens[5:6]):
+        assert_matches(program.module(), model, x)
+
+
 def test_to_static_exports_without_control_flow(static):
     gated_static, plain = static
     program = torch.export.export(plain, (batch(4, 1),), dynamic_shapes={"x": {0: BATCH}})
