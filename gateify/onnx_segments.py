@@ -112,8 +112,11 @@ class OnnxRoutedSession:
 
     def __init__(self, folder: Union[str, os.PathLike], *, threads: Optional[int] = None,
                  providers: Optional[Sequence[str]] = None) -> None:
-        import onnxruntime
-
+        try:
+            import onnxruntime
+        except ImportError:
+            raise GateConfigError("OnnxRoutedSession runs the graphs in onnxruntime, which is not installed: "
+                                  "pip install 'gateify[onnx]' (or pip install onnxruntime).") from None
         folder = Path(folder)
         try:
             meta = json.loads((folder / _PLAN).read_text())
