@@ -626,7 +626,8 @@ class ResidualGate(nn.Module):
             return shortcut.clone(memory_format=fmt)
 
         base = shortcut._base
-        if base is not None and any(t is not shortcut and (t is base or t._base is base) for t in inputs):
+        if base is not None and any(isinstance(t, torch.Tensor) and t is not shortcut and (t is base or t._base is base)
+                                    for t in inputs):
             # a view of another operand (VOLO's and CrossViT's class token, x[:, :1], beside x): a cond refuses
             # aliased operands
             shortcut = shortcut.clone(memory_format=fmt)

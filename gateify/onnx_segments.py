@@ -4,9 +4,10 @@
 ``torch.onnx.export(routed, (x,), dynamo=True)`` gives one graph whose escalation is an ONNX ``If``. It is exact,
 but onnxruntime (1.32, CPU) optimises an ``If``'s subgraph less than a main graph: the deeper segment's convolutions
 are not moved to its blocked NCHWc layout there, so the routed ResNet-20 ran 1.18-1.19x its two parts exported
-alone at batch 16 and 64 (docs/latency.md). Here every level is its own main graph (its logits, the decision for the next level and the
-values later levels start from), and the step between levels (pick the unsure rows, run the next graph on them,
-put their logits back) is a few lines of NumPy, as :meth:`gateify.RoutedModel.forward` does in PyTorch.
+alone at batch 16 and 64 (docs/latency.md). Here every level is its own main graph (its logits, the decision for
+the next level and the values later levels start from), and the step between levels (pick the unsure rows, run the
+next graph on them, put their logits back) is a few lines of NumPy, as :meth:`gateify.RoutedModel.forward` does in
+PyTorch.
 
     gateify.export_onnx_segments(routed.eval(), example, "routed_onnx/")     # segment_0.onnx, ..., routing.json
     session = gateify.OnnxRoutedSession("routed_onnx/")                       # needs only onnxruntime and NumPy

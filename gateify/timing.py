@@ -54,8 +54,12 @@ def measure_latency_spread(fns: Mapping[str, Callable[[], object]], device: torc
         for _ in range(warmup):
             if key in setups:
                 setups[key]()
+            if device.type == "cuda":  # the bursts are sized from what the device takes, not the launch
+                torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         slowest = max(slowest, (time.perf_counter() - t0) * 1e3) if warmup else slowest
     calls = max(1, min(32, math.ceil(min_sample_ms / slowest))) if min_sample_ms > 0 and slowest > 0 else 1
     times: dict[str, list[float]] = {k: [] for k in fns}
