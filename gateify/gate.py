@@ -625,11 +625,11 @@ class ResidualGate(nn.Module):
         def none_kept(shortcut: torch.Tensor, keep: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
             return shortcut.clone(memory_format=fmt)
 
-        base = shortcut._base
-        if base is not None and any(isinstance(t, torch.Tensor) and t is not shortcut and (t is base or t._base is base)
-                                    for t in inputs):
-            # a view of another operand (VOLO's and CrossViT's class token, x[:, :1], beside x): a cond refuses
-            # aliased operands
+        root = shortcut if shortcut._base is None else shortcut._base
+        if any(isinstance(t, torch.Tensor) and t is not shortcut and (t if t._base is None else t._base) is root
+               for t in inputs):
+            # a view of another operand or its base (VOLO's and CrossViT's class token, x[:, :1], beside x): a cond
+            # refuses aliased operands (the same tensor twice it accepts)
             shortcut = shortcut.clone(memory_format=fmt)
         operands = (shortcut, keep, *inputs)
         if not split_all:

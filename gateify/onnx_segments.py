@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -76,6 +77,8 @@ def export_onnx_segments(model: nn.Module, example: torch.Tensor, folder: Union[
         raise GateConfigError("export_onnx_segments exports inference: call routed.eval() first.")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # the plan goes last: while the graphs are (re)written, the folder does not load as a mix of two exports
+    (folder / _PLAN).unlink(missing_ok=True)
     plan = routed._plans[False]
     inputs: dict[int, tuple[torch.Tensor, ...]] = {0: (example,)}
     names: list[list[str]] = []
@@ -95,9 +98,9 @@ def export_onnx_segments(model: nn.Module, example: torch.Tensor, folder: Union[
         program.save(str(folder / f"segment_{k}.onnx"))
     meta = {"format": _FORMAT, "version": _VERSION, "levels": routed.levels, "sources": plan.sources,
             "carries": plan.carries, "inputs": names, "threshold": routed.threshold.tolist()}
-    tmp = folder / f"{_PLAN}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / _PLAN)  # a reader never sees half a plan
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
+        f.write(json.dumps(meta, indent=1))
+    os.replace(f.name, folder / _PLAN)  # a reader never sees half a plan
     return folder
 
 
@@ -126,7 +129,8 @@ class OnnxRoutedSession:
                                    f"gateify.export_onnx_segments(routed, example, folder).") from None
         except json.JSONDecodeError as e:
             raise WeightsFileError(f"{folder / _PLAN} is damaged ({e}); export the segments again.") from None
-        if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+            meta = meta if isinstance(meta, dict) else {}
             raise WeightsFileError(f"{folder / _PLAN} is not a gateify ONNX segment plan of version {_VERSION} "
                                    f"(format {meta.get('format')!r}, version {meta.get('version')!r}).")
         options = onnxruntime.SessionOptions()
@@ -134,11 +138,16 @@ class OnnxRoutedSession:
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         # one session runs after another: threads left spinning after a level's run would slow the next level's
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.levels: int = meta["levels"]
-        self.threshold: list[float] = meta["threshold"]
-        self._sources: list[int] = meta["sources"]
-        self._carries = [[tuple(c) for c in level] for level in meta["carries"]]
-        self._inputs: list[list[str]] = meta["inputs"]
+        try:
+            self.levels: int = int(meta["levels"])
+            self.threshold: list[float] = list(meta["threshold"])
+            self._carries = [[(int(m), int(n)) for m, n in level] for level in meta["carries"]]
+            self._inputs: list[list[str]] = [list(names) for names in meta["inputs"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise WeightsFileError(f"{folder / _PLAN} is damaged ({type(e).__name__}: {e}); export the segments "
+                                   f"again.") from None
+        if len(self._carries) != self.levels or len(self._inputs) != self.levels:
+            raise WeightsFileError(f"{folder / _PLAN} is damaged (its levels disagree); export the segments again.")
         self._sessions = []
         for k in range(self.levels):
             path = folder / f"segment_{k}.onnx"

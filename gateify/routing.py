@@ -362,7 +362,8 @@ class RoutedModel(nn.Module):
 
         def every(logits: torch.Tensor, unsure: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
             sub = regroup(flat)
-            outs = plan.segments[k](self, *sub.pop(k))
+            # a cond side may not write its operands: inputs the segment acts on in place go in as copies
+            outs = plan.segments[k](self, *(t.clone() if w else t for t, w in zip(sub.pop(k), plan.written[k])))
             sub.update(plan.split(k, outs[1:]))
             return self._escalate_graph(plan, k + 1, outs[0], sub).to(logits.dtype)
 

@@ -27,7 +27,7 @@ import inspect
 import keyword
 import linecache
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -86,7 +86,7 @@ class Segment:
         return {"graph": self.graph, "no_grad_graph": self.no_grad_graph, "name": self.name}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"no_grad_graph": None, **state})  # pickles from before the no-grad graph
         self._compile()
 
 
@@ -141,6 +141,7 @@ class RoutePlan:
         sources: per level ``k >= 1``, the level whose segment hands it its inputs (``sources[0]`` is ``-1``).
         carries: per level, ``[(later level, number of values)]`` it outputs after its logits, in order.
         code: the top graph's code, to tell train and eval plans apart.
+        written: per level, for each of its inputs, whether its segment acts on it in place.
     """
 
     segments: list[Segment]
@@ -148,6 +149,7 @@ class RoutePlan:
     sources: list[int]
     carries: list[list[tuple[int, int]]]
     code: str
+    written: list[list[bool]] = field(default_factory=list)  # per level and input: an op acts on it in place
 
     def split(self, level: int, outputs: Sequence[torch.Tensor]) -> dict[int, tuple[torch.Tensor, ...]]:
         """A segment's carried outputs by the later level they are for."""
@@ -260,11 +262,31 @@ _FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn
                   nn.LayerNorm, nn.GroupNorm)  # exactly these types: a subclass may return its input
 
 
-def _fresh(node: fx.Node, root: nn.Module) -> bool:
+# ops that hand back their one input, a view of it or a new tensor, and nothing else: the chain may pass through them
+_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU, nn.Sigmoid,
+                 nn.Tanh, nn.Identity, nn.Dropout)
+_PASS_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "relu", "relu_", "__getitem__"}
+_PASS_FUNCTIONS = {operator.getitem, torch.relu, torch.relu_, torch.flatten, torch.reshape, torch.permute,
+                   torch.nn.functional.relu, torch.nn.functional.silu, torch.nn.functional.gelu,
+                   torch.nn.functional.pad}
+
+
+def _link(node: fx.Node, root: nn.Module) -> str:
+    """``"fresh"`` (a new tensor), ``"pass"`` (its input, a view of it, or new) or ``"unknown"`` (anything else: a
+    module may hand back its own state, a hook may replace an output, ``out=`` writes into another tensor)."""
+    if "out" in node.kwargs:
+        return "unknown"
     if node.op == "call_module":
-        return type(root.get_submodule(node.target)) in _FRESH_MODULES
-    return (node.op == "call_function" and node.target in _FRESH_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _FRESH_METHODS)
+        module = root.get_submodule(node.target)
+        if module._forward_hooks or module._forward_pre_hooks:
+            return "unknown"
+        kind = type(module)
+        return "fresh" if kind in _FRESH_MODULES else "pass" if kind in _PASS_MODULES else "unknown"
+    if node.op == "call_function":
+        return "fresh" if node.target in _FRESH_FUNCTIONS else "pass" if node.target in _PASS_FUNCTIONS else "unknown"
+    if node.op == "call_method":
+        return "fresh" if node.target in _FRESH_METHODS else "pass" if node.target in _PASS_METHODS else "unknown"
+    return "unknown"
 
 
 def elide_clones(graph: fx.Graph, root: nn.Module) -> int:
@@ -276,22 +298,31 @@ def elide_clones(graph: fx.Graph, root: nn.Module) -> int:
     addition, a convolution, another copy) have no use but the next link of that chain, the copy protects nothing.
     Inputs, parameters and returned values are never handed on uncopied. Autograd still needs the copies (the
     in-place op would overwrite a value saved for backward), so a segment runs this graph only without gradients.
-    At batch 256 a ResNet-20 segment copied 16 MB per skipped block of layer1. As with any in-place activation, a
-    forward hook that keeps a module's output without copying it may see the next skipped block's act on it."""
+    At batch 256 a ResNet-20 segment copied 16 MB per skipped block of layer1. The chain passes only through known
+    activations and views; the graph is decided when the model is routed, so a module swapped in later (or a hook
+    added later on one of the chain's modules) is not seen: route again after such surgery. As with any in-place
+    activation, a forward hook that keeps a module's output without copying it may see the next skipped block's act
+    on it."""
     elided = 0
     for node in list(graph.nodes):
         if not (node.op == "call_method" and node.target == "clone" and len(node.args) == 1 and not node.kwargs):
             continue
         value = node.args[0]
         while isinstance(value, fx.Node) and value.op not in ("placeholder", "get_attr") and len(value.users) == 1:
-            if _fresh(value, root):
+            link = _link(value, root)
+            if link == "fresh":
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
                 elided += 1
                 break
             inputs = value.all_input_nodes
-            value = inputs[0] if len(inputs) == 1 else None
+            value = inputs[0] if link == "pass" and len(inputs) == 1 else None
     return elided
+
+
+def written_inputs(graph: fx.Graph, root: nn.Module) -> list[bool]:
+    """Per placeholder of ``graph``, whether an op acts on it in place."""
+    return [any(_mutates_inputs(u, root) for u in n.users) for n in graph.nodes if n.op == "placeholder"]
 
 
 def plan_routes(root: nn.Module, top: fx.Graph, prefixes: Sequence[str], block_graphs: Sequence[Mapping[str, fx.Graph]],
@@ -332,7 +363,7 @@ def plan_routes(root: nn.Module, top: fx.Graph, prefixes: Sequence[str], block_g
     carries = [[(m, len(inputs[m])) for m in range(levels) if m > 0 and sources[m] == k] for k in range(levels)]
     output = nodes[-1]
 
-    segments = []
+    segments, written = [], []
     for k in range(levels):
         prefix = prefixes[k] if len(prefixes) > 1 else prefixes[0]
 
@@ -368,7 +399,8 @@ def plan_routes(root: nn.Module, top: fx.Graph, prefixes: Sequence[str], block_g
         graph.lint()
         no_grad = copy.deepcopy(graph)
         segments.append(Segment(graph, f"route_segment_{k}", no_grad if elide_clones(no_grad, root) else None))
-    return RoutePlan(segments, starts, sources, carries, top.python_code("self").src)
+        written.append(written_inputs(graph, root))
+    return RoutePlan(segments, starts, sources, carries, top.python_code("self").src, written)
 
 
 def trace_modes(network: nn.Module, blocks: Iterable[str], **tracer_kwargs: Any) -> dict[bool, fx.Graph]:

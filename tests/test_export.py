@@ -332,6 +332,15 @@ def test_a_routed_model_runs_as_one_onnx_graph_per_level(routed, tmp_path):
             assert (got_levels == levels.numpy()).all()
             assert (torch.from_numpy(session(x.numpy())) - out).abs().max() <= 1e-4
     assert any(e == 0 for _, e in seen) and any(0 < e < n for n, e in seen) and any(e == n for n, e in seen)  # none, some, all
+    plan = folder / "routing.json"
+    good = plan.read_text()
+    plan.write_text("[]")
+    with pytest.raises(gateify.WeightsFileError, match="not a gateify ONNX segment plan"):
+        gateify.OnnxRoutedSession(folder)
+    plan.write_text('{"format": "gateify-onnx-segments", "version": 1}')
+    with pytest.raises(gateify.WeightsFileError, match="damaged"):
+        gateify.OnnxRoutedSession(folder)
+    plan.write_text(good)
     (folder / "segment_1.onnx").unlink()
     with pytest.raises(gateify.WeightsFileError, match="segment_1.onnx is missing"):
         gateify.OnnxRoutedSession(folder)
