@@ -348,13 +348,16 @@ class RoutedModel(nn.Module):
                 i += size
             return out
 
+        def onward(sub: dict[int, tuple[torch.Tensor, ...]]) -> torch.Tensor:
+            """Level ``k`` on the rows ``sub`` carries, then the levels after it: their logits."""
+            outs = plan.segments[k](self, *sub.pop(k))
+            sub.update(plan.split(k, outs[1:]))
+            return self._escalate_graph(plan, k + 1, outs[0], sub)
+
         def deeper(logits: torch.Tensor, unsure: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
             idx = unsure.nonzero().view(-1)
             torch._check(idx.shape[0] > 0)  # true on this side of the cond; lets shape guards in the path resolve
-            sub = regroup([_gather(t, idx) for t in flat])
-            outs = plan.segments[k](self, *sub.pop(k))
-            sub.update(plan.split(k, outs[1:]))
-            deep = self._escalate_graph(plan, k + 1, outs[0], sub)
+            deep = onward(regroup([_gather(t, idx) for t in flat]))
             return logits.index_put((idx,), deep.to(logits.dtype))
 
         def stay(logits: torch.Tensor, unsure: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
@@ -363,9 +366,8 @@ class RoutedModel(nn.Module):
         def every(logits: torch.Tensor, unsure: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
             sub = regroup(flat)
             # a cond side may not write its operands: inputs the segment acts on in place go in as copies
-            outs = plan.segments[k](self, *(t.clone() if w else t for t, w in zip(sub.pop(k), plan.written[k])))
-            sub.update(plan.split(k, outs[1:]))
-            return self._escalate_graph(plan, k + 1, outs[0], sub).to(logits.dtype)
+            sub[k] = tuple(t.clone() if w else t for t, w in zip(sub[k], plan.written[k]))
+            return onward(sub).to(logits.dtype)
 
         def some(logits: torch.Tensor, unsure: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
             return torch.cond(unsure.all(), every, deeper, (logits, unsure, *flat))

@@ -32,6 +32,23 @@ def _balanced_orders(n: int) -> list[list[int]]:
     return rows + [row[::-1] for row in rows] if n % 2 else rows
 
 
+def _time_calls(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Milliseconds per call of ``calls`` back-to-back calls of ``fn``: CUDA events on a GPU, the clock elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / calls
+
+
 def measure_latency_spread(fns: Mapping[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
                            setups: Optional[Mapping[str, Callable[[], object]]] = None,
                            min_sample_ms: float = 0.0) -> dict[str, Spread]:
@@ -49,41 +66,22 @@ def measure_latency_spread(fns: Mapping[str, Callable[[], object]], device: torc
     after another model's is timed cold (a 0.5 ms network took 0.8 ms so), and that penalty is not the variant's.
     """
     setups = setups or {}
-    slowest = 0.0
+    last = {}
     for key, fn in fns.items():
         for _ in range(warmup):
             if key in setups:
                 setups[key]()
-            if device.type == "cuda":  # the bursts are sized from what the device takes, not the launch
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        slowest = max(slowest, (time.perf_counter() - t0) * 1e3) if warmup else slowest
+            last[key] = _time_calls(fn, device, 1)
+    slowest = max(last.values(), default=0.0)
     calls = max(1, min(32, math.ceil(min_sample_ms / slowest))) if min_sample_ms > 0 and slowest > 0 else 1
     times: dict[str, list[float]] = {k: [] for k in fns}
     keys = list(fns)
     orders = _balanced_orders(len(keys))
     for r in range(repeats):
         for key in (keys[i] for i in orders[r % len(orders)]):
-            fn = fns[key]
             if key in setups:
                 setups[key]()
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize(device)
-                start.record()
-                for _ in range(calls):
-                    fn()
-                end.record()
-                torch.cuda.synchronize(device)
-                times[key].append(start.elapsed_time(end) / calls)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                times[key].append((time.perf_counter() - t0) * 1e3 / calls)
+            times[key].append(_time_calls(fns[key], device, calls))
     out = {}
     for key, values in times.items():
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
