@@ -309,7 +309,8 @@ def run_setting(s: Setting, args: argparse.Namespace, device: torch.device) -> l
         if s.mode == "onnx":  # each exported with its forced decisions: a gate is one ONNX If per block
             folder, feed = Path(tempfile.mkdtemp(prefix="gateify-onnx-")), x.cpu().numpy()
             for key, m in models.items():
-                run = _onnx_session(m, x, args.threads, folder / f"{key}.onnx", dynamic=False)
+                run = _onnx_session(m, x, args.threads, folder / f"{key}.onnx", dynamic=False,
+                                    optimization=args.ort_optimization)
                 fns[key] = lambda run=run: run(feed)
         else:
             for key, m in models.items():
@@ -431,9 +432,10 @@ class _Exported(nn.Module):
 
 
 def _onnx_session(module: nn.Module, example: torch.Tensor, threads: int, path: Path,
-                  dynamic: bool = True) -> Callable[[torch.Tensor], object]:
+                  dynamic: bool = True, optimization: str = "all") -> Callable[[torch.Tensor], object]:
     """``module`` exported to ONNX (the dynamo exporter; batch dimension dynamic unless ``dynamic=False``) and run
-    in an onnxruntime CPU session with ``threads`` intra-op threads."""
+    in an onnxruntime CPU session with ``threads`` intra-op threads at graph optimisation level ``optimization``
+    (``all``: onnxruntime's default, blocked NCHWc convolutions included; ``extended``: everything but layouts)."""
     import onnxruntime
 
     shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic else None
@@ -443,6 +445,7 @@ def _onnx_session(module: nn.Module, example: torch.Tensor, threads: int, path: 
     program.save(str(path))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel, f"ORT_ENABLE_{optimization.upper()}")
     # several sessions share the cores: a session's threads spinning after its run would slow the next one's
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -511,6 +514,12 @@ def run_routed_setting(s: RoutedSetting, args: argparse.Namespace, device: torch
                                                                   min_sample_ms=args.min_sample_ms).items()}
     _logger.info("%s: timed in %.0f s; %s", s.label, time.perf_counter() - start,
                  ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
+    if args.profile and s.runtime in ("eager", "compiled", "segments"):
+        with torch.inference_mode():
+            for key in ("routed", "ideal"):
+                print(f"\n{s.label}, {key}: convolutions by input shape, us per call")
+                for shapes, us in convolution_times(fns[key]).items():
+                    print(f"{us:9.0f}  {shapes}")
     saved = 1 - executed / dense_flops
     time_saved = 1 - ms["routed"] / ms["dense"]
     ideal_saved = 1 - ms["ideal"] / ms["dense"]
@@ -518,6 +527,23 @@ def run_routed_setting(s: RoutedSetting, args: argparse.Namespace, device: torch
                      ms["path0"], ms["deep"], dense_flops / 2, executed / 2, (per_level[0] + per_level[1]) / 2,
                      deep_flops / 2, saved, time_saved, time_saved / saved if saved > 0.01 else None,
                      ideal_saved / saved if saved > 0.01 else None, ms["routed"] / ms["ideal"])
+
+
+def convolution_times(fn: Callable[[], object], calls: int = 10) -> dict[str, float]:
+    """Microseconds per call of ``fn`` spent in convolutions, by (input, weight) shape, largest first (torch.profiler;
+    inductor's extern convolutions included): which convolutions a compiled routed model runs slower than its
+    ideal's plain segment does."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(calls):
+            fn()
+    found = {str(e.input_shapes[:2]): e.self_cpu_time_total / calls
+             for e in prof.key_averages(group_by_input_shape=True)
+             if e.key in ("aten::mkldnn_convolution", "aten::cudnn_convolution", "aten::thnn_conv2d")}
+    return dict(sorted(found.items(), key=lambda kv: -kv[1]))
 
 
 def routed_table(rows: list[RoutedRow]) -> str:
@@ -675,7 +701,11 @@ def main() -> None:
     parser.add_argument("--masked", action="store_true", help="also time masking (every branch on the whole batch)")
     parser.add_argument("--json", default=None, help="write the rows, curves and setup here (and a plot beside it)")
     parser.add_argument("--plot", default=None, help="plot path (default: the --json path with .png)")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler op tables (dense, half)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler op tables (dense, half); --routed: convolution time by input shape "
+                             "(routed, its ideal's segment)")
+    parser.add_argument("--ort-optimization", choices=["all", "extended"], default="all",
+                        help="with --onnx: onnxruntime's graph optimisation level (extended: no NCHWc layout)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's allocator as it is (by default it is told to reuse freed memory)")
     args = parser.parse_args()
