@@ -65,6 +65,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "no-cir": {"reg": ["consistency_weight=0"]},  # CIR's own contribution
     "tau": {"reg": ["tau_start=5", "tau_end=0.1"]},  # LAUDNet's temperature schedule
     "recal": {"recal_bn": True},  # BatchNorm recalibration on the hard decisions after training
+    "keep-ds": {"gate_downsampling": False},  # downsampling blocks keep every sample (their gates pinned open)
 }
 
 #: what --quick runs (the sweep's shape at the smallest size that still has a curve and a margin per budget)

@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gate-init", default="keep", choices=("keep", "static"),
                        help="keep: gates start keeping everyone; static: gates start at the static selection for "
                             "the preset's target (the static baseline's depth) and learn per-sample deviations")
+    train.add_argument("--gate-downsampling", action=argparse.BooleanOptionalAction, default=True,
+                       help="gated: also gate blocks whose shortcut changes the activation's shape (a stage's first, "
+                            "downsampling block); --no-gate-downsampling keeps every sample there: those gates are "
+                            "pinned open and not trained")
     train.add_argument("--calibrate", action="store_true",
                        help="gated: after fine-tuning, set the hard threshold so executed FLOPs meet the target on "
                             "validation images (gateify.calibrate; never on the test set). Routed runs always do.")
@@ -303,6 +307,8 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
                 start = gateify.select_blocks(model, val, preset.target, criterion=args.static_criterion)
                 seed_gates(model, start)
                 facts["gate_init_blocks"] = start
+            if not args.gate_downsampling:
+                facts["pinned_gates"] = pin_reshaping_gates(model, next(iter(val))[0][:2].to(device))
         elif kind in ("routed", "cascade"):
             plan = route_preset(args)
             paths = gateify.select_paths(model, val, plan.paths)
@@ -348,6 +354,39 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
                                     "flops_saved": 1 - costs.fraction(before.keep_rate(), gates_run=True)}
         recalibrate_batchnorm(model, DataLoader(data.calibration, batch_size=256), device)
     return model.eval(), facts
+
+
+def pin_reshaping_gates(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    """Pin open the gates whose shortcut has another shape than their block's input (``x``: an example batch): a
+    downsampling block, whose skip leaves only a projected or zero-padded subsample of its input. Each such gate's
+    controller outputs keep (logit 10) for every sample and gets no gradient; returns the pinned gates' names."""
+    found = gateify.gates(model)
+    reshaping: list[str] = []
+
+    def check(name: str, gate: torch.nn.Module) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            shortcut, inputs, _ = args
+            if shortcut.shape != inputs[gate.ctrl_index].shape:
+                reshaping.append(name)
+        return gate.register_forward_hook(hook)
+
+    hooks = [check(name, gate) for name, gate in found.items()]
+    flags = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        model.train(flags)
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        for name in reshaping:
+            controller = found[name].controller
+            controller.fc2.weight.zero_()
+            controller.fc2.bias.fill_(10.0)
+            for p in controller.parameters():
+                p.requires_grad_(False)
+    return reshaping
 
 
 # ----------------------------------------------------------------------------------------------- reporting

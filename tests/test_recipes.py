@@ -60,6 +60,32 @@ def test_recalibration_changes_the_gated_models_eval_output_only_through_batchno
                            for k in changed)
 
 
+def test_downsampling_gates_pinned_open_keep_every_sample_and_stay_untrained(resnet20, cifar_batch):
+    gated = gateify.convert(resnet20)
+    split_decisions(gated, cifar_batch)  # every gate keeps some samples and skips others before pinning
+    gated.train()
+    pinned = finetune_cifar.pin_reshaping_gates(gated, cifar_batch[:2])
+    assert pinned == ["layer2.0", "layer3.0"]  # the stages' first blocks: their shortcut is a padded subsample
+    assert gated.training  # the detection pass in eval mode leaves the flags as they were
+    found = gateify.gates(gated)
+    gateify.set_mode(gated, "gumbel")
+    with gateify.record_decisions(gated):
+        gated(cifar_batch).sum().backward()
+    for name, gate in found.items():
+        params = list(gate.controller.parameters())
+        if name in pinned:
+            assert bool(gate.last.gate.eq(1).all())  # sampled decisions keep every sample
+            assert all(not p.requires_grad and p.grad is None for p in params)
+        else:
+            assert all(p.requires_grad for p in params)
+    gateify.set_mode(gated, "hard")
+    gated.eval()
+    with torch.no_grad(), gateify.record_decisions(gated):
+        gated(cifar_batch)
+    assert all(bool(found[n].last.gate.eq(1).all()) for n in pinned)
+    assert not all(bool(g.last.gate.eq(1).all()) for n, g in found.items() if n not in pinned)
+
+
 @pytest.mark.slow
 def test_recipe_flags_reach_the_gated_run(tmp_path):
     """--reg bounds/shaping_weight reach the regulariser (metrics.json records them), --gate-init static starts from
@@ -68,9 +94,10 @@ def test_recipe_flags_reach_the_gated_run(tmp_path):
     finetune_cifar.main(["--dataset", "digits", "--dense-epochs", "1", "--epochs", "1", "--workers", "0", "--device",
                          "cpu", "--method", "gated", "--no-plots", "--eval-every", "0", "--out", str(out),
                          "--reg", "bounds=0.3", "--reg", "shaping_weight=0.5", "--reg", "min_keep=0",
-                         "--gate-init", "static", "--recal-bn"])
+                         "--gate-init", "static", "--recal-bn", "--no-gate-downsampling"])
     m = json.loads((out / "metrics.json").read_text())
     assert m["regularizer"]["bounds"] == 0.3 and m["regularizer"]["shaping_weight"] == 0.5
     assert m["regularizer"]["min_keep"] == 0
     assert set(m["gate_init_blocks"]) == set(m["keep_rate_per_block"]) and not all(m["gate_init_blocks"].values())
     assert set(m["before_recal_bn"]) == {"test_acc", "flops_saved"}
+    assert m["pinned_gates"] and all(m["keep_rate_per_block"][name] == 1.0 for name in m["pinned_gates"])
