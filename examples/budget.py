@@ -66,6 +66,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "tau": {"reg": ["tau_start=5", "tau_end=0.1"]},  # LAUDNet's temperature schedule
     "recal": {"recal_bn": True},  # BatchNorm recalibration on the hard decisions after training
     "keep-ds": {"gate_downsampling": False},  # downsampling blocks keep every sample (their gates pinned open)
+    "floor": {"static_floor": 0.75, "reg": ["min_keep=0"]},  # 3/4 of the saving static (blocks removed), 1/4 gated
 }
 
 #: what --quick runs (the sweep's shape at the smallest size that still has a curve and a margin per budget)

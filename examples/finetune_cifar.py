@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gated: also gate blocks whose shortcut changes the activation's shape (a stage's first, "
                             "downsampling block); --no-gate-downsampling keeps every sample there: those gates are "
                             "pinned open and not trained")
+    train.add_argument("--static-floor", type=float, default=0.0, metavar="R",
+                       help="gated: remove outright the blocks a static selection removes for R of the target's "
+                            "saving (their gates pinned shut and untrained); the gates earn the rest per sample")
     train.add_argument("--calibrate", action="store_true",
                        help="gated: after fine-tuning, set the hard threshold so executed FLOPs meet the target on "
                             "validation images (gateify.calibrate; never on the test set). Routed runs always do.")
@@ -307,8 +310,15 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
                 start = gateify.select_blocks(model, val, preset.target, criterion=args.static_criterion)
                 seed_gates(model, start)
                 facts["gate_init_blocks"] = start
+            if args.static_floor:  # part of the saving from a static selection, the rest from per-sample gates
+                floor = gateify.select_blocks(model, val, 1 - args.static_floor * (1 - preset.target),
+                                              criterion=args.static_criterion, nearest=True)
+                facts["static_floor_blocks"] = floor
+                facts["pinned_closed"] = pin_gates(model, [n for n, k in floor.items() if not k], keep=False)
             if not args.gate_downsampling:
-                facts["pinned_gates"] = pin_reshaping_gates(model, next(iter(val))[0][:2].to(device))
+                reshaping = reshaping_gates(model, next(iter(val))[0][:2].to(device))
+                facts["pinned_gates"] = pin_gates(model, [n for n in reshaping
+                                                          if n not in facts.get("pinned_closed", ())], keep=True)
         elif kind in ("routed", "cascade"):
             plan = route_preset(args)
             paths = gateify.select_paths(model, val, plan.paths)
@@ -356,10 +366,9 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
     return model.eval(), facts
 
 
-def pin_reshaping_gates(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
-    """Pin open the gates whose shortcut has another shape than their block's input (``x``: an example batch): a
-    downsampling block, whose skip leaves only a projected or zero-padded subsample of its input. Each such gate's
-    controller outputs keep (logit 10) for every sample and gets no gradient; returns the pinned gates' names."""
+def reshaping_gates(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    """The gates whose shortcut has another shape than their block's input (``x``: an example batch): a
+    downsampling block, whose skip leaves only a projected or zero-padded subsample of its input."""
     found = gateify.gates(model)
     reshaping: list[str] = []
 
@@ -379,14 +388,21 @@ def pin_reshaping_gates(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
         model.train(flags)
         for h in hooks:
             h.remove()
+    return reshaping
+
+
+def pin_gates(model: torch.nn.Module, names: list[str], keep: bool) -> list[str]:
+    """Pin the gates ``names``: each controller outputs keep (logit 10) or skip (-10) for every sample and gets no
+    gradient, so training neither samples nor moves those decisions. Returns ``names``."""
+    found = gateify.gates(model)
     with torch.no_grad():
-        for name in reshaping:
+        for name in names:
             controller = found[name].controller
             controller.fc2.weight.zero_()
-            controller.fc2.bias.fill_(10.0)
+            controller.fc2.bias.fill_(10.0 if keep else -10.0)
             for p in controller.parameters():
                 p.requires_grad_(False)
-    return reshaping
+    return names
 
 
 # ----------------------------------------------------------------------------------------------- reporting

@@ -64,7 +64,7 @@ def test_downsampling_gates_pinned_open_keep_every_sample_and_stay_untrained(res
     gated = gateify.convert(resnet20)
     split_decisions(gated, cifar_batch)  # every gate keeps some samples and skips others before pinning
     gated.train()
-    pinned = finetune_cifar.pin_reshaping_gates(gated, cifar_batch[:2])
+    pinned = finetune_cifar.pin_gates(gated, finetune_cifar.reshaping_gates(gated, cifar_batch[:2]), keep=True)
     assert pinned == ["layer2.0", "layer3.0"]  # the stages' first blocks: their shortcut is a padded subsample
     assert gated.training  # the detection pass in eval mode leaves the flags as they were
     found = gateify.gates(gated)
@@ -89,15 +89,18 @@ def test_downsampling_gates_pinned_open_keep_every_sample_and_stay_untrained(res
 @pytest.mark.slow
 def test_recipe_flags_reach_the_gated_run(tmp_path):
     """--reg bounds/shaping_weight reach the regulariser (metrics.json records them), --gate-init static starts from
-    the static selection, and --recal-bn reports the accuracy before and after recalibration."""
+    the static selection, --recal-bn reports the accuracy before and after recalibration, --no-gate-downsampling
+    keeps every sample in the downsampling blocks and --static-floor removes its blocks for every sample."""
     out = tmp_path / "gated"
     finetune_cifar.main(["--dataset", "digits", "--dense-epochs", "1", "--epochs", "1", "--workers", "0", "--device",
                          "cpu", "--method", "gated", "--no-plots", "--eval-every", "0", "--out", str(out),
                          "--reg", "bounds=0.3", "--reg", "shaping_weight=0.5", "--reg", "min_keep=0",
-                         "--gate-init", "static", "--recal-bn", "--no-gate-downsampling"])
+                         "--gate-init", "static", "--recal-bn", "--no-gate-downsampling", "--static-floor", "0.75"])
     m = json.loads((out / "metrics.json").read_text())
     assert m["regularizer"]["bounds"] == 0.3 and m["regularizer"]["shaping_weight"] == 0.5
     assert m["regularizer"]["min_keep"] == 0
     assert set(m["gate_init_blocks"]) == set(m["keep_rate_per_block"]) and not all(m["gate_init_blocks"].values())
     assert set(m["before_recal_bn"]) == {"test_acc", "flops_saved"}
     assert m["pinned_gates"] and all(m["keep_rate_per_block"][name] == 1.0 for name in m["pinned_gates"])
+    assert m["pinned_closed"] == [n for n, kept in m["static_floor_blocks"].items() if not kept]
+    assert m["pinned_closed"] and all(m["keep_rate_per_block"][name] == 0.0 for name in m["pinned_closed"])
