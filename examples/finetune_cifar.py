@@ -395,6 +395,8 @@ def pin_gates(model: torch.nn.Module, names: list[str], keep: bool) -> list[str]
     """Pin the gates ``names``: each controller outputs keep (logit 10) or skip (-10) for every sample and gets no
     gradient, so training neither samples nor moves those decisions. Returns ``names``."""
     found = gateify.gates(model)
+    if any(not found[name].scorer.decides_from_input for name in names):
+        raise SystemExit("error: --static-floor and --no-gate-downsampling pin controllers; use --gate controller")
     with torch.no_grad():
         for name in names:
             controller = found[name].controller
