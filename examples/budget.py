@@ -134,7 +134,9 @@ def parse_gated(text: str) -> list[tuple[str, str, float]]:
 
 def recipe(name: str, reg: Optional[list[str]] = None) -> dict[str, Any]:
     """A recipe, or several joined by '+' (their --reg items concatenated after ``reg``, other flags merged)."""
-    changes: dict[str, Any] = {"reg": list(reg or [])}
+    # every recipe starts from the gates as the sweeps before stop 32 ran them (every block gated, the presets' keep
+    # floor), so that recorded results rerun; "floor" and "keep-ds" opt into what is now finetune_cifar's default
+    changes: dict[str, Any] = {"reg": list(reg or []), "static_floor": 0.0, "gate_downsampling": True}
     for part in name.split("+"):
         if part not in RECIPES:
             raise SystemExit(f"error: unknown recipe {part!r}; known: {sorted(RECIPES)}")

@@ -121,13 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gate-init", default="keep", choices=("keep", "static"),
                        help="keep: gates start keeping everyone; static: gates start at the static selection for "
                             "the preset's target (the static baseline's depth) and learn per-sample deviations")
-    train.add_argument("--gate-downsampling", action=argparse.BooleanOptionalAction, default=True,
+    train.add_argument("--gate-downsampling", action=argparse.BooleanOptionalAction, default=False,
                        help="gated: also gate blocks whose shortcut changes the activation's shape (a stage's first, "
-                            "downsampling block); --no-gate-downsampling keeps every sample there: those gates are "
-                            "pinned open and not trained")
-    train.add_argument("--static-floor", type=float, default=0.0, metavar="R",
+                            "downsampling block); by default they keep every sample (gates pinned open, untrained)")
+    train.add_argument("--static-floor", type=float, default=0.75, metavar="R",
                        help="gated: remove outright the blocks a static selection removes for R of the target's "
-                            "saving (their gates pinned shut and untrained); the gates earn the rest per sample")
+                            "saving (gates pinned shut, untrained; with R > 0 the presets' keep floor is off unless "
+                            "--reg min_keep=... sets it); the gates earn the rest per sample. 0: every block gated. "
+                            "Default 0.75 (with pinned downsampling blocks: docs/results.md, issue 21)")
     train.add_argument("--calibrate", action="store_true",
                        help="gated: after fine-tuning, set the hard threshold so executed FLOPs meet the target on "
                             "validation images (gateify.calibrate; never on the test set). Routed runs always do.")
@@ -229,7 +230,8 @@ def floats(text: Optional[str]) -> list[float]:
 
 def regularizer_config(args: argparse.Namespace) -> RegularizerConfig:
     """The gated preset with --target and --reg KEY=VALUE overrides (values parsed as JSON, else kept as strings)."""
-    overrides: dict[str, Any] = {}
+    # a static floor replaces the presets' keep floor, which would push the gates it pins shut (docs/results.md)
+    overrides: dict[str, Any] = {"min_keep": 0.0} if args.method == "gated" and args.static_floor else {}
     for item in args.reg:
         key, sep, value = item.partition("=")
         if not sep:
@@ -310,15 +312,19 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
                 start = gateify.select_blocks(model, val, preset.target, criterion=args.static_criterion)
                 seed_gates(model, start)
                 facts["gate_init_blocks"] = start
+            pinned: dict[str, bool] = {}
             if args.static_floor:  # part of the saving from a static selection, the rest from per-sample gates
                 floor = gateify.select_blocks(model, val, 1 - args.static_floor * (1 - preset.target),
                                               criterion=args.static_criterion, nearest=True)
                 facts["static_floor_blocks"] = floor
-                facts["pinned_closed"] = pin_gates(model, [n for n, k in floor.items() if not k], keep=False)
+                pinned.update({name: False for name, kept in floor.items() if not kept})
             if not args.gate_downsampling:
-                reshaping = reshaping_gates(model, next(iter(val))[0][:2].to(device))
-                facts["pinned_gates"] = pin_gates(model, [n for n in reshaping
-                                                          if n not in facts.get("pinned_closed", ())], keep=True)
+                pinned.update({name: True for name in gateify.reshaping_gates(model, next(iter(val))[0][:2].to(device))
+                               if name not in pinned})
+            if pinned:
+                gateify.pin_gates(model, pinned)
+                facts["pinned_closed"] = [name for name, keep in pinned.items() if not keep]
+                facts["pinned_gates"] = [name for name, keep in pinned.items() if keep]
         elif kind in ("routed", "cascade"):
             plan = route_preset(args)
             paths = gateify.select_paths(model, val, plan.paths)
@@ -364,47 +370,6 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
                                     "flops_saved": 1 - costs.fraction(before.keep_rate(), gates_run=True)}
         recalibrate_batchnorm(model, DataLoader(data.calibration, batch_size=256), device)
     return model.eval(), facts
-
-
-def reshaping_gates(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
-    """The gates whose shortcut has another shape than their block's input (``x``: an example batch): a
-    downsampling block, whose skip leaves only a projected or zero-padded subsample of its input."""
-    found = gateify.gates(model)
-    reshaping: list[str] = []
-
-    def check(name: str, gate: torch.nn.Module) -> Any:
-        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            shortcut, inputs, _ = args
-            if shortcut.shape != inputs[gate.ctrl_index].shape:
-                reshaping.append(name)
-        return gate.register_forward_hook(hook)
-
-    hooks = [check(name, gate) for name, gate in found.items()]
-    flags = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        model.train(flags)
-        for h in hooks:
-            h.remove()
-    return reshaping
-
-
-def pin_gates(model: torch.nn.Module, names: list[str], keep: bool) -> list[str]:
-    """Pin the gates ``names``: each controller outputs keep (logit 10) or skip (-10) for every sample and gets no
-    gradient, so training neither samples nor moves those decisions. Returns ``names``."""
-    found = gateify.gates(model)
-    if any(not found[name].scorer.decides_from_input for name in names):
-        raise SystemExit("error: --static-floor and --no-gate-downsampling pin controllers; use --gate controller")
-    with torch.no_grad():
-        for name in names:
-            controller = found[name].controller
-            controller.fc2.weight.zero_()
-            controller.fc2.bias.fill_(10.0 if keep else -10.0)
-            for p in controller.parameters():
-                p.requires_grad_(False)
-    return names
 
 
 # ----------------------------------------------------------------------------------------------- reporting

@@ -8,7 +8,8 @@ data:
 * ``routed``: one run per --route-presets entry, each calibrated on the validation split to its target and to
   --route-targets (one trained model, several operating points); an entry may add options to the preset:
   ``balanced:path_norms=0`` (gateify.route(path_norms=False)), ``balanced:survivors=0.5`` (RouteLoss(survivors=0.5));
-* ``gated``: one run per --gated-presets (CosineGate controllers; none by default);
+* ``gated``: one run per --gated-presets (CosineGate controllers, every block gated, as every recorded sweep ran
+  them; finetune_cifar's default gated recipe adds a static floor, compared in examples/budget.py; none by default);
 * ``cascade``: two of the static models in a row, the deeper one only for the samples the cheaper one is unsure of
   (threshold on its top softmax probability chosen on the validation split), paying for both, nothing shared.
 
@@ -156,8 +157,9 @@ def run_seed(args: argparse.Namespace, seed: int, threads: int) -> list[dict[str
     if args.fair and routed_runs:
         points += fair_controls(args, seed, init, routed_runs[0], list(statics.values()))
     for preset in [p for p in args.gated_presets.split(",") if p]:
+        # the recipe every recorded sweep used (every block gated); budget.py compares it with the static floor
         m = run_one(args, seed, f"gated_{preset}", baseline="none", method="gated", preset=preset, init=init,
-                    target=None)
+                    target=None, static_floor=0.0, gate_downsampling=True)
         points.append(point(m, "gated", f"gated {preset}", seed))
     return points
 

@@ -65,6 +65,8 @@ _EXPORTS = {
     "static_twin": "static",
     "static_flops_fraction": "static",
     "seed_gates": "static",
+    "pin_gates": "static",
+    "reshaping_gates": "static",
     # training
     "GateRegularizer": "regularizer",
     "RegularizerConfig": "regularizer",
@@ -134,7 +136,8 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .onnx_segments import OnnxRoutedSession, export_onnx_segments
     from .routing import (ROUTE_PRESETS, RouteLoss, RoutedModel, RoutePreset, cascade, is_routed, level_shares,
                           route, routing_paths, select_paths)
-    from .static import seed_gates, select_blocks, set_static, static_flops_fraction, static_twin
+    from .static import (pin_gates, reshaping_gates, seed_gates, select_blocks, set_static,
+                         static_flops_fraction, static_twin)
     from .training import Checkpoint, EvalResult, TrainConfig, evaluate, fit, make_optimizer
 
 

@@ -11,6 +11,8 @@ Which blocks to remove for a FLOPs target is chosen by :func:`select_blocks`:
   the loader), in that order, until the target is met.
 
 :func:`static_twin` gives a gated model's majority decision per block: the depth its routing implies.
+:func:`seed_gates` starts gated fine-tuning from a static selection; :func:`pin_gates` fixes some gates' decisions
+for the whole of it (a static floor under per-sample gates, downsampling blocks found by :func:`reshaping_gates`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from .accounting import CostModel, FlopsReport, flops
 from .errors import GateifyError
 from .modes import gate_mode, keep_rates, model_device, require_gates, restore_training_flags, training_flags
 
-__all__ = ["set_static", "select_blocks", "static_twin", "static_flops_fraction", "seed_gates"]
+__all__ = ["set_static", "select_blocks", "static_twin", "static_flops_fraction", "seed_gates", "pin_gates",
+           "reshaping_gates"]
 
 
 def _check_names(keep: Mapping[str, bool], found: Mapping[str, object]) -> None:
@@ -161,13 +164,78 @@ def seed_gates(model: nn.Module, keep: Mapping[str, bool], confidence: float = 0
     if not 0.5 < confidence < 1.0:
         raise GateifyError(f"confidence={confidence} must lie in (0.5, 1).")
     _check_names(keep, found)
-    cir = [name for name, g in found.items() if not g.scorer.decides_from_input]
-    if cir:
-        raise GateifyError(f"seed_gates sets controllers, and gates {cir[:3]} are CIR gates; convert with "
-                           f"gate='controller'.")
+    _check_controllers(found, found, "seed_gates")
     logit = float(torch.logit(torch.tensor(confidence)))
     with torch.no_grad():
         for name, gate in found.items():
             gate.controller.fc2.weight.zero_()  # the same logit for every sample; training makes it input-dependent
             gate.controller.fc2.bias.fill_(logit if keep.get(name, True) else -logit)
     return model
+
+
+#: a pinned controller's constant logit: sigmoid(30) is 1.0 in float32, and the logistic noise of Gumbel sampling
+#: exceeds 30 with probability below 1e-13, so a pinned decision does not flip in training either
+_PINNED_LOGIT = 30.0
+
+
+def _check_controllers(found: Mapping[str, nn.Module], names: Iterable[str], needed_by: str) -> None:
+    cir = [name for name in names if not found[name].scorer.decides_from_input]
+    if cir:
+        raise GateifyError(f"{needed_by} sets controllers, and gates {cir[:3]} are CIR gates; convert with "
+                           f"gate='controller'.")
+
+
+def pin_gates(model: nn.Module, decisions: Mapping[str, bool]) -> nn.Module:
+    """Fix the decisions of the gates named in ``decisions``: ``True`` keeps every sample, ``False`` skips every
+    sample, in every mode but ``"dense"`` and ``"static"``. Each named controller outputs a constant logit (its
+    output weights zeroed, its bias +-30) and stops training (``requires_grad=False``), so neither Gumbel sampling
+    nor the FLOPs term moves it; the other gates train as before. Returns ``model``.
+
+    The gated recipe that ties static pruning on animals-c (docs/results.md, issue 21) pins shut the blocks a static
+    selection removes for three quarters of the target's saving and pins open the downsampling blocks::
+
+        floor = gateify.select_blocks(model, val_loader, 1 - 0.75 * (1 - target), nearest=True)
+        gateify.pin_gates(model, {**{n: False for n, kept in floor.items() if not kept},
+                                  **{n: True for n in gateify.reshaping_gates(model, x) if floor[n]}})
+
+    A pinned-shut block still evaluates its (constant) controller in hard mode and is counted so; ``set_static``
+    or ``to_static`` with the same decisions removes it outright.
+    """
+    found = require_gates(model, "pin_gates")
+    _check_names(decisions, found)
+    _check_controllers(found, decisions, "pin_gates")
+    with torch.no_grad():
+        for name, keep in decisions.items():
+            controller = found[name].controller
+            controller.fc2.weight.zero_()
+            controller.fc2.bias.fill_(_PINNED_LOGIT if keep else -_PINNED_LOGIT)
+            for p in controller.parameters():
+                p.requires_grad_(False)
+    return model
+
+
+def reshaping_gates(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The gates whose shortcut has another shape than their block's input, in execution order: a downsampling
+    block (a stage's first), whose skip leaves only a projected or zero-padded subsample of the input. Found by one
+    forward pass of the example batch ``x`` ``(B, C, H, W)`` in eval mode, without gradients (training flags are
+    restored)."""
+    found = require_gates(model, "reshaping_gates")
+    reshaping: list[str] = []
+
+    def watch(name: str, gate: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            shortcut, inputs, _ = args
+            if shortcut.shape != inputs[gate.ctrl_index].shape:
+                reshaping.append(name)
+        return gate.register_forward_hook(hook)
+
+    hooks = [watch(name, gate) for name, gate in found.items()]
+    flags = training_flags(model)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        restore_training_flags(model, flags)
+        for h in hooks:
+            h.remove()
+    return reshaping

@@ -15,10 +15,12 @@ import pareto  # noqa: E402
 
 
 def test_recipes_combine_into_flag_changes():
-    assert budget.recipe("default") == {"reg": []}
+    base = {"static_floor": 0.0, "gate_downsampling": True}  # every block gated: how the recorded sweeps ran
+    assert budget.recipe("default") == {"reg": [], **base}
     both = budget.recipe("static-init+bounds+recal", ["flops_weight=10"])
     assert both == {"reg": ["flops_weight=10", "min_keep=0", "min_keep=0", "bounds=0.33"], "gate_init": "static",
-                    "recal_bn": True}
+                    "recal_bn": True, **base}
+    assert budget.recipe("floor+keep-ds") == {"reg": ["min_keep=0"], "static_floor": 0.75, "gate_downsampling": False}
     with pytest.raises(SystemExit, match="unknown recipe"):
         budget.recipe("static+magic")
 

@@ -51,6 +51,12 @@ def test_outputs_and_metrics(run):
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["kind"] == "gated" and metrics["preset"] == "balanced" and metrics["epochs"] == 1
+    # the default gated recipe: a static floor under the gates (pinned shut, kept by nobody), downsampling blocks
+    # pinned open (kept by everyone), no keep floor on the gates that learn
+    assert metrics["regularizer"]["min_keep"] == 0.0 and metrics["pinned_gates"] == ["layer2.0", "layer3.0"]
+    assert metrics["pinned_closed"] == [n for n, kept in metrics["static_floor_blocks"].items() if not kept]
+    assert all(metrics["keep_rate_per_block"][n] == 0.0 for n in metrics["pinned_closed"])
+    assert all(metrics["keep_rate_per_block"][n] == 1.0 for n in metrics["pinned_gates"])
     # which data, exactly: the dataset's version and how its 28x28 images reached the 32x32 input
     assert (metrics["dataset_version"], metrics["fit"], metrics["input_size"]) == ("digits/2", "pad", 32)
     # ResNet-20 on 1-channel 32x32 images, counted by hand (option-A shortcuts have no convolution)

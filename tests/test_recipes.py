@@ -60,13 +60,15 @@ def test_recalibration_changes_the_gated_models_eval_output_only_through_batchno
                            for k in changed)
 
 
-def test_downsampling_gates_pinned_open_keep_every_sample_and_stay_untrained(resnet20, cifar_batch):
+def test_pinned_gates_keep_or_skip_every_sample_and_stay_untrained(resnet20, cifar_batch):
     gated = gateify.convert(resnet20)
     split_decisions(gated, cifar_batch)  # every gate keeps some samples and skips others before pinning
     gated.train()
-    pinned = finetune_cifar.pin_gates(gated, finetune_cifar.reshaping_gates(gated, cifar_batch[:2]), keep=True)
-    assert pinned == ["layer2.0", "layer3.0"]  # the stages' first blocks: their shortcut is a padded subsample
+    reshaping = gateify.reshaping_gates(gated, cifar_batch[:2])
+    assert reshaping == ["layer2.0", "layer3.0"]  # the stages' first blocks: their shortcut is a padded subsample
     assert gated.training  # the detection pass in eval mode leaves the flags as they were
+    pinned = {**{name: True for name in reshaping}, "layer1.2": False}
+    gateify.pin_gates(gated, pinned)
     found = gateify.gates(gated)
     gateify.set_mode(gated, "gumbel")
     with gateify.record_decisions(gated):
@@ -74,7 +76,7 @@ def test_downsampling_gates_pinned_open_keep_every_sample_and_stay_untrained(res
     for name, gate in found.items():
         params = list(gate.controller.parameters())
         if name in pinned:
-            assert bool(gate.last.gate.eq(1).all())  # sampled decisions keep every sample
+            assert bool(gate.last.gate.eq(float(pinned[name])).all())  # sampled decisions: all kept / all skipped
             assert all(not p.requires_grad and p.grad is None for p in params)
         else:
             assert all(p.requires_grad for p in params)
@@ -82,8 +84,12 @@ def test_downsampling_gates_pinned_open_keep_every_sample_and_stay_untrained(res
     gated.eval()
     with torch.no_grad(), gateify.record_decisions(gated):
         gated(cifar_batch)
-    assert all(bool(found[n].last.gate.eq(1).all()) for n in pinned)
+    assert all(bool(found[n].last.gate.eq(float(keep)).all()) for n, keep in pinned.items())
     assert not all(bool(g.last.gate.eq(1).all()) for n, g in found.items() if n not in pinned)
+    with pytest.raises(gateify.GateifyError, match="unknown blocks"):
+        gateify.pin_gates(gated, {"layer9.0": True})
+    with pytest.raises(gateify.GateifyError, match="CIR gates"):
+        gateify.pin_gates(gateify.convert(resnet20, gate="cir"), {"layer1.0": True})
 
 
 @pytest.mark.slow
