@@ -199,7 +199,8 @@ def pin_gates(model: nn.Module, decisions: Mapping[str, bool]) -> nn.Module:
                                   **{n: True for n in gateify.reshaping_gates(model, x) if floor[n]}})
 
     A pinned-shut block still evaluates its (constant) controller in hard mode and is counted so; ``set_static``
-    or ``to_static`` with the same decisions removes it outright.
+    or ``to_static`` with the same decisions removes it outright. The constant logits are weights and travel with
+    :func:`gateify.save`; ``requires_grad`` does not, so pin again before training a loaded model further.
     """
     found = require_gates(model, "pin_gates")
     _check_names(decisions, found)
