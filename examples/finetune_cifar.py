@@ -313,6 +313,8 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
                 seed_gates(model, start)
                 facts["gate_init_blocks"] = start
             pinned: dict[str, bool] = {}
+            if not 0.0 <= args.static_floor < 1.0:
+                raise SystemExit(f"error: --static-floor {args.static_floor}: expected a share of the saving in [0, 1)")
             if args.static_floor:  # part of the saving from a static selection, the rest from per-sample gates
                 floor = gateify.select_blocks(model, val, 1 - args.static_floor * (1 - preset.target),
                                               criterion=args.static_criterion, nearest=True)
