@@ -26,7 +26,8 @@ from torch import nn
 
 from .accounting import CostModel, FlopsReport, flops
 from .errors import GateifyError
-from .modes import gate_mode, keep_rates, model_device, require_gates, restore_training_flags, training_flags
+from .modes import (evaluating, gate_mode, keep_rates, model_device, require_gates, restore_training_flags,
+                    training_flags)
 
 __all__ = ["set_static", "select_blocks", "static_twin", "static_flops_fraction", "seed_gates", "pin_gates",
            "reshaping_gates"]
@@ -218,8 +219,8 @@ def pin_gates(model: nn.Module, decisions: Mapping[str, bool]) -> nn.Module:
 def reshaping_gates(model: nn.Module, x: torch.Tensor) -> list[str]:
     """The gates whose shortcut has another shape than their block's input, in execution order: a downsampling
     block (a stage's first), whose skip leaves only a projected or zero-padded subsample of the input. Found by one
-    forward pass of the example batch ``x`` ``(B, C, H, W)`` in eval mode, without gradients (training flags are
-    restored)."""
+    forward pass of the example batch ``x`` ``(B, C, H, W)`` as inference runs it (:func:`gateify.evaluating`: training
+    flags and gate modes are restored), without gradients."""
     found = require_gates(model, "reshaping_gates")
     reshaping: list[str] = []
 
@@ -231,12 +232,10 @@ def reshaping_gates(model: nn.Module, x: torch.Tensor) -> list[str]:
         return gate.register_forward_hook(hook)
 
     hooks = [watch(name, gate) for name, gate in found.items()]
-    flags = training_flags(model)
     try:
-        with torch.no_grad():
-            model.eval()(x)
+        with torch.no_grad(), evaluating(model):
+            model(x)
     finally:
-        restore_training_flags(model, flags)
         for h in hooks:
             h.remove()
     return reshaping
