@@ -36,6 +36,13 @@ wall time on that loaded machine); the test's smoke run (--quick --dataset digit
     python examples/budget.py --resume                                        # the issue's curve (defaults)
     python examples/budget.py --budgets 5,15,30,60 --recipes default --resume # a longer curve, one recipe
     python examples/budget.py --quick --out /tmp/b                            # smoke run (CI)
+    python examples/budget.py --resume --report                               # the finished runs so far, no training
+
+From scratch, the paper's protocol (gates trained from epoch 0; no teacher; ``dense_continued`` is then the dense
+model trained as long, ``dense`` the untrained one; a static selection from untrained weights means nothing):
+
+    python examples/budget.py --dense-epochs 0 --distill 0 --lr 0.1 --budgets 30 --recipes default \\
+        --gated balanced --static-saved "" --out runs/scratch --resume
 """
 
 from __future__ import annotations
@@ -97,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--gated", default="conservative,balanced,aggressive", metavar="PRESET|F,...",
                        help="operating points every gated recipe is trained for: gateify.PRESETS names or "
                             "executed FLOPs fractions (the balanced preset with that target)")
+    group.add_argument("--report", action="store_true",
+                       help="train nothing: write pareto.json and the plots from the runs under --out that finished "
+                            "(a sweep still running, or one cut short, as it stands); the others are listed as missing")
     group.add_argument("--quick", action="store_true",
                        help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     return parser
@@ -195,6 +205,21 @@ def run_task(args: argparse.Namespace, task: dict[str, Any], threads: int) -> li
     return points
 
 
+def finished_only(args: argparse.Namespace, seeds: list[int], work: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """--report: the tasks whose run folder holds its metrics.json (read back as --resume reads it), the missing
+    ones logged; every seed's dense phase must have finished."""
+    args.resume = True
+    for seed in seeds:
+        if not os.path.isfile(os.path.join(args.out, f"seed{seed}", "dense", "metrics.json")):
+            raise SystemExit(f"error: --report: seed {seed} has no finished dense phase under {args.out}; run the "
+                             f"sweep without --report first (--resume keeps what finished)")
+    done = [t for t in work if os.path.isfile(os.path.join(args.out, f"seed{t['seed']}", t["run"], "metrics.json"))]
+    for t in work:
+        if t not in done:
+            _logger.warning("--report: seed %d %s has not finished; left out", t["seed"], t["run"])
+    return done
+
+
 def dense_points(args: argparse.Namespace, seeds: list[int], budgets: list[int]) -> list[dict[str, Any]]:
     """The source model at every budget (0 fine-tuning epochs), from each seed's dense phase."""
     out = []
@@ -216,9 +241,10 @@ def static_margins(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         m["strongest"] = "static"
         if m["controls"]:
             out.append(m)
+    why = ("realised FLOPs outside the static curve (--static-saved) for some seed" if any(
+        p["kind"] == "static" for p in runs) else "no static points to compare with (--static-saved is empty)")
     for label in sorted({p["label"] for p in runs if p["kind"] == "gated"} - {m["label"] for m in out}):
-        _logger.warning("%s: realised FLOPs outside the static curve (--static-saved) for some seed; no margin",
-                        label)
+        _logger.warning("%s: %s; no margin", label, why)
     return out
 
 
@@ -269,6 +295,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     start = time.perf_counter()
     seeds = list(range(args.seed, args.seed + args.seeds))
     work = tasks(args, seeds)
+    if args.report:
+        work = finished_only(args, seeds, work)
     jobs = max(1, min(args.jobs, len(work)))
     threads = pareto.threads_per_job(jobs)
     _logger.info("%d seeds x %d budgets: %d fine-tuning runs, %d epochs in all, on %d processes of %d threads",

@@ -102,6 +102,14 @@ def test_quick_curve_writes_every_budget_with_margins_and_resumes(tmp_path, monk
     assert again["points"] == result["points"] and again["margins"] == result["margins"]
     redo = tmp_path / "seed0" / "e1" / "static_0.70"
     (redo / "metrics.json").unlink()
+    # --report: trains nothing, reports the finished runs as they stand (the unfinished one left out)
+    budget.main(quick + ["--report"])
+    assert trained == []
+    report = json.loads((tmp_path / "pareto.json").read_text())
+    assert {(r["label"], r["budget"]) for r in report["runs"]} == {
+        (r["label"], r["budget"]) for r in result["runs"]} - {("static@0.70", 1)}
+    with pytest.raises(SystemExit, match="no finished dense phase"):
+        budget.main(quick + ["--report", "--out", str(tmp_path / "elsewhere")])
     budget.main(quick)
     assert trained == [str(redo)] and (redo / "metrics.json").is_file()
 
