@@ -193,7 +193,8 @@ def pin_gates(model: nn.Module, decisions: Mapping[str, bool]) -> nn.Module:
     nor the FLOPs term moves it; the other gates train as before. Returns ``model``.
 
     The gated recipe that ties static pruning on animals-c (docs/results.md, issue 21) pins shut the blocks a static
-    selection removes for three quarters of the target's saving and pins open the downsampling blocks::
+    selection removes for three quarters of the target's saving, pins open the downsampling blocks and trains the
+    other gates with no keep floor (``GateRegularizer(model, report, RegularizerConfig(target=target))``)::
 
         floor = gateify.select_blocks(model, val_loader, 1 - 0.75 * (1 - target), nearest=True)
         gateify.pin_gates(model, {**{n: False for n, kept in floor.items() if not kept},
