@@ -181,7 +181,7 @@ def dense_phase(args: argparse.Namespace, seed: int, threads: int) -> dict[str, 
     import torch
 
     torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [seed {seed}] %(message)s", datefmt="%H:%M:%S")
+    pareto.log_as(f"seed {seed}")
     return pareto.run_one(args, seed, "dense", baseline="dense", epochs=0)
 
 
@@ -191,8 +191,7 @@ def run_task(args: argparse.Namespace, task: dict[str, Any], threads: int) -> li
 
     torch.set_num_threads(threads)
     seed, budget = task["seed"], task["budget"]
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [seed {seed} e{budget}] %(message)s",
-                        datefmt="%H:%M:%S")
+    pareto.log_as(f"seed {seed} e{budget}")
     # --init: every seed starts from those weights (the dense phase then only evaluates them)
     init = args.init or os.path.join(args.out, f"seed{seed}", "dense", "dense.safetensors")
     m = pareto.run_one(args, seed, task["run"], init=init, epochs=budget, **task["changes"])
@@ -282,7 +281,7 @@ def plural(n: int, word: str) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    pareto.log_as()
     args = build_parser().parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():

@@ -104,6 +104,21 @@ def run_one(args: argparse.Namespace, seed: int, name: str, **changes: Any) -> d
     return metrics
 
 
+def log_as(tag: Optional[str] = None) -> None:
+    """Log INFO lines to stderr prefixed with ``[tag]``, the run this process is on now. One handler of its own,
+    whose format changes with each call: a worker process takes run after run (a second ``basicConfig`` would keep
+    the first run's prefix), and handlers others installed (pytest's) stay."""
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if getattr(h, "sweep_log", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler()
+        handler.sweep_log = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    prefix = f"[{tag}] " if tag else ""
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
+
+
 def _exit_with(parent: int) -> None:
     """A worker's initializer: exit as soon as the sweep that started it is gone. Spawned workers outlive a parent
     killed alone (``kill``, a timeout) and would go on training into the run folders a ``--resume`` rerun uses."""
@@ -134,7 +149,7 @@ def run_seed(args: argparse.Namespace, seed: int, threads: int) -> list[dict[str
     import torch
 
     torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [seed {seed}] %(message)s", datefmt="%H:%M:%S")
+    log_as(f"seed {seed}")
     dense = run_one(args, seed, "dense_continued", baseline="dense")
     init = os.path.join(dense["run"], "dense.safetensors")
     points = [point(dense, "dense", "dense", seed, test_acc=dense["source_test_acc"], flops_saved=0.0, epochs=0),
@@ -405,7 +420,7 @@ def table(entries: list[dict[str, Any]], found: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log_as()
     args = build_parser().parse_args(argv)
     if args.quick:
         args.seeds, args.dense_epochs, args.epochs = 1, 1, 1

@@ -2,6 +2,7 @@
 (a smoke run on digits), resuming, recipes and operating points as flag changes."""
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -48,6 +49,20 @@ def test_every_budget_trains_every_kind_for_that_many_epochs():
                                          "e3/gated_no-cir_balanced", "e3/gated_no-cir_0.50"}
     no_cir = next(t for t in gated if t["run"] == "e3/gated_no-cir_0.50")["changes"]
     assert (no_cir["preset"], no_cir["target"], no_cir["reg"]) == ("balanced", 0.5, ["consistency_weight=0"])
+
+
+def test_a_worker_logs_each_run_under_that_runs_prefix():
+    # a worker process trains run after run: its log lines must name the run it is on now, not its first one
+    try:
+        pareto.log_as("seed 0 e5")
+        pareto.log_as("seed 2 e15")
+        ours = [h for h in logging.getLogger().handlers if getattr(h, "sweep_log", False)]
+        assert len(ours) == 1  # one handler, re-formatted: no line printed twice
+        record = logging.LogRecord("budget", logging.INFO, __file__, 1, "gated epoch 3/15", None, None)
+        assert ours[0].format(record).endswith("[seed 2 e15] gated epoch 3/15")
+    finally:
+        for h in [h for h in logging.getLogger().handlers if getattr(h, "sweep_log", False)]:
+            logging.getLogger().removeHandler(h)
 
 
 def test_quick_curve_writes_every_budget_with_margins_and_resumes(tmp_path, monkeypatch):
