@@ -39,10 +39,11 @@ wall time on that loaded machine); the test's smoke run (--quick --dataset digit
     python examples/budget.py --resume --report                               # the finished runs so far, no training
 
 From scratch, the paper's protocol (gates trained from epoch 0; no teacher; ``dense_continued`` is then the dense
-model trained as long, ``dense`` the untrained one; a static selection from untrained weights means nothing):
+model trained as long, ``dense`` the untrained one, and a static point a network pruned before training, its blocks
+chosen on the untrained model's validation loss, so close to arbitrary; --static-saved "" leaves them out):
 
     python examples/budget.py --dense-epochs 0 --distill 0 --lr 0.1 --budgets 30 --recipes default \\
-        --gated balanced --static-saved "" --out runs/scratch --resume
+        --gated balanced --static-saved 0.24,0.35 --out runs/scratch --resume
 """
 
 from __future__ import annotations
