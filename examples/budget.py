@@ -213,11 +213,21 @@ def finished_only(args: argparse.Namespace, seeds: list[int], work: list[dict[st
         if not os.path.isfile(os.path.join(args.out, f"seed{seed}", "dense", "metrics.json")):
             raise SystemExit(f"error: --report: seed {seed} has no finished dense phase under {args.out}; run the "
                              f"sweep without --report first (--resume keeps what finished)")
-    done = [t for t in work if os.path.isfile(os.path.join(args.out, f"seed{t['seed']}", t["run"], "metrics.json"))]
+    done = [t for t in work if readable(os.path.join(args.out, f"seed{t['seed']}", t["run"], "metrics.json"))]
     for t in work:
         if t not in done:
             _logger.warning("--report: seed %d %s has not finished; left out", t["seed"], t["run"])
     return done
+
+
+def readable(path: str) -> bool:
+    """Whether ``path`` holds a whole JSON file: a run still writing its metrics.json counts as unfinished."""
+    try:
+        with open(path) as f:
+            json.load(f)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def dense_points(args: argparse.Namespace, seeds: list[int], budgets: list[int]) -> list[dict[str, Any]]:
@@ -232,7 +242,7 @@ def dense_points(args: argparse.Namespace, seeds: list[int], budgets: list[int])
     return out
 
 
-def static_margins(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def static_margins(runs: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
     """pareto.margins of one budget's runs, against the static curve only: the other controls of pareto.CONTROLS do
     not exist here (its ``static_fair`` falls back to the same equal-epoch curve and would repeat it)."""
     out = []
@@ -242,9 +252,9 @@ def static_margins(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if m["controls"]:
             out.append(m)
     why = ("realised FLOPs outside the static curve (--static-saved) for some seed" if any(
-        p["kind"] == "static" for p in runs) else "no static points to compare with (--static-saved is empty)")
+        p["kind"] == "static" for p in runs) else "no static run at this budget (--static-saved empty, or none finished)")
     for label in sorted({p["label"] for p in runs if p["kind"] == "gated"} - {m["label"] for m in out}):
-        _logger.warning("%s: %s; no margin", label, why)
+        _logger.warning("%d epochs, %s: %s; no margin", budget, label, why)
     return out
 
 
@@ -313,12 +323,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     except finetune_cifar.gateify.GateifyError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    pareto.log_as()  # the sweep's own lines again, not the last run's (--jobs 1 ran them in this process)
     runs = [p for ps in results for p in ps] + dense_points(args, seeds, budgets)
     points, found, tables = [], [], []
     for budget in budgets:
         at = [p for p in runs if p["budget"] == budget]
         entries = pareto.aggregate(at)
-        margins = static_margins(at)
+        margins = static_margins(at, budget)
         for e in entries:
             e["budget"] = budget
         for m in margins:

@@ -439,6 +439,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except finetune_cifar.gateify.GateifyError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    log_as()  # the sweep's own lines again, not the last seed's (--jobs 1 ran them in this process)
     points = [p for seed_points in results for p in seed_points]
     # the cascades at each executed-FLOPs target a routed model was calibrated to (on validation data, as they are)
     targets = sorted({p["target"] for p in points if p["kind"] == "routed"})
