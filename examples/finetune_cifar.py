@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gate-downsampling", action=argparse.BooleanOptionalAction, default=False,
                        help="gated: also gate blocks whose shortcut changes the activation's shape (a stage's first, "
                             "downsampling block); by default they keep every sample (gates pinned open, untrained)")
-    train.add_argument("--static-floor", type=float, default=0.75, metavar="R",
+    train.add_argument("--static-floor", type=saving_share, default=0.75, metavar="R",
                        help="gated: remove outright the blocks a static selection removes for R of the target's "
                             "saving (gates pinned shut, untrained; with R > 0 the presets' keep floor is off unless "
                             "--reg min_keep=... sets it); the gates earn the rest per sample. 0: every block gated. "
@@ -224,6 +224,19 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def saving_share(text: str) -> float:
+    """--static-floor's value, checked while parsing: a bad one fails before any data is loaded or model trained."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected a share of the target's saving in "
+                                         f"[0, 1), e.g. 0.75 (0: every block gated)") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1): expected a share of the target's saving, "
+                                         f"e.g. 0.75 (0: every block gated)")
+    return value
+
+
 def floats(text: Optional[str]) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()] if text else []
 
@@ -313,8 +326,6 @@ def finetune(kind: str, dense: torch.nn.Module, data: DataSplits, train: DataLoa
                 seed_gates(model, start)
                 facts["gate_init_blocks"] = start
             pinned: dict[str, bool] = {}
-            if not 0.0 <= args.static_floor < 1.0:
-                raise SystemExit(f"error: --static-floor {args.static_floor}: expected a share of the saving in [0, 1)")
             if args.static_floor:  # part of the saving from a static selection, the rest from per-sample gates
                 floor = gateify.select_blocks(model, val, 1 - args.static_floor * (1 - preset.target),
                                               criterion=args.static_criterion, nearest=True)

@@ -110,3 +110,14 @@ def test_recipe_flags_reach_the_gated_run(tmp_path):
     assert m["pinned_gates"] and all(m["keep_rate_per_block"][name] == 1.0 for name in m["pinned_gates"])
     assert m["pinned_closed"] == [n for n, kept in m["static_floor_blocks"].items() if not kept]
     assert m["pinned_closed"] and all(m["keep_rate_per_block"][name] == 0.0 for name in m["pinned_closed"])
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "1.5", "most"])
+def test_a_static_floor_outside_0_1_is_refused_before_anything_runs(value, capsys):
+    # refused while parsing the flags: no data loaded, no dense phase trained and then thrown away
+    with pytest.raises(SystemExit) as refused:
+        finetune_cifar.build_parser().parse_args(["--static-floor", value])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "--static-floor" in err and "[0, 1)" in err and "e.g. 0.75" in err
+    assert finetune_cifar.build_parser().parse_args(["--static-floor", "0"]).static_floor == 0.0
