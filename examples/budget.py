@@ -206,11 +206,10 @@ def run_task(args: argparse.Namespace, task: dict[str, Any], threads: int) -> li
 
 
 def finished_only(args: argparse.Namespace, seeds: list[int], work: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """--report: the tasks whose run folder holds its metrics.json (read back as --resume reads it), the missing
-    ones logged; every seed's dense phase must have finished."""
-    args.resume = True
+    """--report: the tasks whose run folder holds a whole metrics.json, the missing ones logged; every seed's dense
+    phase must have finished."""
     for seed in seeds:
-        if not os.path.isfile(os.path.join(args.out, f"seed{seed}", "dense", "metrics.json")):
+        if not readable(os.path.join(args.out, f"seed{seed}", "dense", "metrics.json")):
             raise SystemExit(f"error: --report: seed {seed} has no finished dense phase under {args.out}; run the "
                              f"sweep without --report first (--resume keeps what finished)")
     done = [t for t in work if readable(os.path.join(args.out, f"seed{t['seed']}", t["run"], "metrics.json"))]
@@ -305,7 +304,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     start = time.perf_counter()
     seeds = list(range(args.seed, args.seed + args.seeds))
     work = tasks(args, seeds)
-    if args.report:
+    if args.report:  # the finished runs, read back as --resume reads them
+        args.resume = True
         work = finished_only(args, seeds, work)
     jobs = max(1, min(args.jobs, len(work)))
     threads = pareto.threads_per_job(jobs)
