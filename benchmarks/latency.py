@@ -307,11 +307,13 @@ def run_setting(s: Setting, args: argparse.Namespace, device: torch.device) -> l
                 mask_up(models[f"masked-{variant}"], masks[variant])
                 executed[f"masked-{variant}"] = costs.fraction({}) * costs.dense_flops
         if s.mode == "onnx":  # each exported with its forced decisions: a gate is one ONNX If per block
-            folder, feed = Path(tempfile.mkdtemp(prefix="gateify-onnx-")), x.cpu().numpy()
-            for key, m in models.items():
-                run = _onnx_session(m, x, args.threads, folder / f"{key}.onnx", dynamic=False,
-                                    optimization=args.ort_optimization)
-                fns[key] = lambda run=run: run(feed)
+            feed = x.cpu().numpy()
+            # a session holds its graph once built: the files (hundreds of MB per setting) go when it is
+            with tempfile.TemporaryDirectory(prefix="gateify-onnx-") as folder:
+                for key, m in models.items():
+                    run = _onnx_session(m, x, args.threads, Path(folder) / f"{key}.onnx", dynamic=False,
+                                        optimization=args.ort_optimization)
+                    fns[key] = lambda run=run: run(feed)
         else:
             for key, m in models.items():
                 fns[key] = lambda m=m: m(x)
@@ -494,15 +496,17 @@ def run_routed_setting(s: RoutedSetting, args: argparse.Namespace, device: torch
         run = {"dense": torch.compile(dense, **options), "routed": fast, "path0": torch.compile(path0, **options),
                "deep": torch.compile(deep, **options), "segment": torch.compile(segment, **options)}
     else:  # "onnx": the routed model as one graph (its escalation an ONNX If); "onnx-segments": one graph per level
-        folder = Path(tempfile.mkdtemp(prefix="gateify-onnx-"))
         whole = s.runtime == "onnx"
-        run = {key: _onnx_session(m, x if key != "segment" else (h if idx.numel() else outs[1]), args.threads,
-                                  folder / f"{key}.onnx")
-               for key, m in (("dense", dense), ("routed", routed), ("path0", path0), ("deep", deep),
-                              ("segment", segment)) if whole or key != "routed"}
-        if not whole:
-            run["routed"] = gateify.OnnxRoutedSession(gateify.export_onnx_segments(routed, x, folder / "routed"),
-                                                      threads=args.threads)
+        # a session holds its graph once built: the files (hundreds of MB per setting) go when it is
+        with tempfile.TemporaryDirectory(prefix="gateify-onnx-") as tmp:
+            folder = Path(tmp)
+            run = {key: _onnx_session(m, x if key != "segment" else (h if idx.numel() else outs[1]), args.threads,
+                                      folder / f"{key}.onnx")
+                   for key, m in (("dense", dense), ("routed", routed), ("path0", path0), ("deep", deep),
+                                  ("segment", segment)) if whole or key != "routed"}
+            if not whole:
+                run["routed"] = gateify.OnnxRoutedSession(
+                    gateify.export_onnx_segments(routed, x, folder / "routed"), threads=args.threads)
         x, h = x.cpu().numpy(), h.cpu().numpy()
     fns = {"dense": lambda: run["dense"](x), "routed": lambda: run["routed"](x), "path0": lambda: run["path0"](x),
            "deep": lambda: run["deep"](x)}
