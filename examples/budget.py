@@ -220,7 +220,8 @@ def finished_only(args: argparse.Namespace, seeds: list[int], work: list[dict[st
 
 
 def readable(path: str) -> bool:
-    """Whether ``path`` holds a whole JSON file: a run still writing its metrics.json counts as unfinished."""
+    """Whether ``path`` holds a whole JSON file (finetune_cifar writes metrics.json last and atomically; a damaged
+    or half-copied one still counts as unfinished)."""
     try:
         with open(path) as f:
             json.load(f)

@@ -485,6 +485,18 @@ def save_logits(model: torch.nn.Module, val: DataLoader, test: DataLoader, devic
     save_file(out, path)
 
 
+def write_json_atomically(obj: Any, path: str) -> None:
+    """``obj`` as JSON through a temporary name and an atomic rename: a kill never leaves half a file at ``path``."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_log(log: list[dict[str, Any]], out: str) -> None:
     """log.csv after every epoch (rank 0), so a killed run keeps what it logged."""
     if not is_main():
@@ -569,12 +581,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
             json.dump({"rank": rank, "test_acc": metrics["test_acc"], "state_sum": digest}, f)
     if is_main():
-        with open(os.path.join(args.out, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
         write_log(log, args.out)
         gateify.save(finetuned, os.path.join(args.out, f"{kind}.safetensors"))
         if not args.no_plots:
             plot(metrics, log, args.out)
+        # last, and whole or not at all: a sweep's --resume takes a run folder with metrics.json as finished
+        write_json_atomically(metrics, os.path.join(args.out, "metrics.json"))
         summary = (f"{kind}: test accuracy {100 * metrics['test_acc']:.2f}% (source {100 * source_acc:.2f}%), "
                    f"realised FLOPs saved {100 * metrics['flops_saved']:.1f}% of {metrics['dense_macs'] / 1e6:.1f}M "
                    f"MACs per image (counted on {metrics['test_samples']} test images, "

@@ -113,6 +113,26 @@ def test_resume_picks_up_finished_phases(run, tmp_path):
     assert again["test_acc"] == metrics["test_acc"] and again["flops_saved"] == metrics["flops_saved"]
 
 
+def test_a_run_killed_before_its_last_output_leaves_no_metrics_json(run, tmp_path, monkeypatch):
+    """metrics.json is what a sweep's --resume takes as "this run finished": it is written last (after the weights)
+    and whole, so a run that died on the way has none and trains again."""
+    out, _ = run
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(finetune_cifar.gateify, "save", disk_full)
+    args = finetune_cifar.build_parser().parse_args(TINY + ["--init", str(out / "dense.safetensors"), "--no-plots",
+                                                            "--out", str(tmp_path)])
+    with pytest.raises(OSError, match="No space left"):
+        finetune_cifar.run(args)
+    assert (tmp_path / "log.csv").is_file() and not (tmp_path / "metrics.json").exists()
+    assert not list(tmp_path.glob("metrics.json.tmp*"))
+    monkeypatch.undo()
+    metrics = finetune_cifar.run(args)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+
+
 def test_static_method_is_the_static_baseline_at_the_presets_target(run, tmp_path):
     """The default method, static depth pruning, trains exactly what --baseline static does for a routed run: the
     same blocks for the routing preset's target, the same weights, the same accuracy."""
